@@ -1,0 +1,1 @@
+"""fastpeft: fast PEFT-compatible adapters."""

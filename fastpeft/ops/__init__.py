@@ -1,0 +1,61 @@
+"""fastpeft operators (``torch.ops.fastpeft.*``) and backend selection.
+
+Importing this package defines the operators and loads every backend that can run here; a
+backend that cannot (no GPU, no Triton, no compiled extension) is recorded with its reason,
+see :func:`available_backends`. Importing never fails for a missing optional backend.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+from . import _schema  # noqa: F401  (defines torch.ops.fastpeft.*)
+from . import reference
+from .backends import (
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    register,
+    set_backend,
+)
+
+log = logging.getLogger("fastpeft")
+
+register("adapter_linear", "torch", reference.adapter_linear)
+register("adapter_embedding", "torch", reference.adapter_embedding)
+
+# Optional backends: each module registers its ops or calls mark_unavailable(reason).
+for _name in ("triton", "cpp", "cuda"):
+    try:
+        importlib.import_module(f"{__name__}.{_name}")
+    except ModuleNotFoundError as e:  # backend module not written / dependency missing
+        if e.name and e.name.startswith(f"{__name__}.{_name}"):
+            from .backends import mark_unavailable
+
+            mark_unavailable(_name, "backend module not present in this build")
+        else:
+            from .backends import mark_unavailable
+
+            mark_unavailable(_name, f"import failed: {e}")
+            log.info("fastpeft backend %s unavailable: %s", _name, e)
+    except Exception as e:  # never let an optional backend break the import
+        from .backends import mark_unavailable
+
+        mark_unavailable(_name, f"import failed: {type(e).__name__}: {e}")
+        log.info("fastpeft backend %s unavailable: %s", _name, e)
+
+from .backends import choice_from_env as _choice_from_env  # noqa: E402
+
+_choice_from_env()
+
+adapter_linear = _schema.adapter_linear
+adapter_embedding = _schema.adapter_embedding
+
+__all__ = [
+    "BackendUnavailableError",
+    "adapter_embedding",
+    "adapter_linear",
+    "available_backends",
+    "get_backend",
+    "set_backend",
+]

@@ -1,0 +1,135 @@
+"""The fastpeft operators: definitions, fake (meta) kernels and autograd, in one file.
+
+Every operator is a ``torch.library.custom_op`` whose body asks the backend registry
+(:mod:`fastpeft.ops.backends`) for the implementation chosen for the input's device, so the
+backend choice happens in one place and ``torch.compile`` sees one opaque node per call.
+
+Autograd: the backward recomputes the forward with the pure-PyTorch reference and
+differentiates that, so every backend trains with exact gradients (at the cost of one extra
+forward in training; inference pays nothing).
+
+``adapter_linear`` contract (shapes: M rows, K in, N out, S slots, R padded rank, J adapters
+per row)::
+
+    x            [M, K]         input rows
+    weight       [N, K]         base weight (any strides: Conv1D passes W.T)
+    bias         [N] | None
+    lora_a       [S, R, K]      stacked LoRA A, rows >= an adapter's rank are zero
+    lora_b       [S, R, N]      stacked LoRA B transposed (lora_b[s] = B_s.T)
+    slot_scales  [S] float32    LoRA scaling per slot (alpha / r, or alpha / sqrt(r))
+    token_slots  [M or 1, J]    int32 slot per row and active adapter, -1 = none;
+                                one row broadcasts to all rows
+    dora_scale   [S, N] | None  DoRA magnitude / ||W + s B A|| per slot
+    input_scale  [K] | [M, K]   IA3 scale of the input (feed-forward layers)
+    output_scale [N] | [M, N]   IA3 scale of the output
+
+    xs = x * input_scale;  y = xs @ weight.T + bias
+    for j: s = token_slots[:, j]; lora = (xs @ lora_a[s].T) @ lora_b[s] * slot_scales[s]
+           y += lora                                  (no DoRA)
+           y += (g - 1) * (xs @ weight.T) + g * lora  (DoRA, g = dora_scale[s])
+    y = y * output_scale            -> [M, N] in x.dtype
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from . import reference
+
+LIB = "fastpeft"
+
+_LINEAR_ARGS = (
+    "x",
+    "weight",
+    "bias",
+    "lora_a",
+    "lora_b",
+    "slot_scales",
+    "token_slots",
+    "dora_scale",
+    "input_scale",
+    "output_scale",
+)
+
+
+@torch.library.custom_op(f"{LIB}::adapter_linear", mutates_args=())
+def adapter_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    slot_scales: Optional[Tensor],
+    token_slots: Optional[Tensor],
+    dora_scale: Optional[Tensor],
+    input_scale: Optional[Tensor],
+    output_scale: Optional[Tensor],
+) -> Tensor:
+    """Base linear fused with LoRA / DoRA / IA3 for one or many adapters (see module docstring)."""
+    fn = backends.resolve("adapter_linear", x.device.type)
+    return fn(x, weight, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale)
+
+
+@adapter_linear.register_fake
+def _(x, weight, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale):
+    torch._check(x.dim() == 2, lambda: f"adapter_linear: x must be [M, K], got {tuple(x.shape)}")
+    torch._check(weight.dim() == 2, lambda: "adapter_linear: weight must be [N, K]")
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op(f"{LIB}::adapter_embedding", mutates_args=())
+def adapter_embedding(
+    ids: Tensor,
+    weight: Tensor,
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    slot_scales: Optional[Tensor],
+    token_slots: Optional[Tensor],
+) -> Tensor:
+    """Embedding lookup plus LoRA: ``weight[ids] + sum_j lora_a[s].T[ids] @ lora_b[s] * scale[s]``.
+
+    ids [M] int, weight [V, D], lora_a [S, R, V], lora_b [S, R, D], slot_scales [S],
+    token_slots [M or 1, J] (-1 = none). Returns [M, D] in weight's dtype.
+    """
+    fn = backends.resolve("adapter_embedding", weight.device.type)
+    return fn(ids, weight, lora_a, lora_b, slot_scales, token_slots)
+
+
+@adapter_embedding.register_fake
+def _(ids, weight, lora_a, lora_b, slot_scales, token_slots):
+    return weight.new_empty(ids.shape[0], weight.shape[1])
+
+
+def _make_autograd(op, ref, n_args):
+    """Backward by recomputing ``ref`` (the PyTorch reference) and differentiating it."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs])
+
+    def backward(ctx, grad):
+        inputs = list(ctx.saved_tensors)
+        need = ctx.needs_input_grad
+        leaves = []
+        for i, t in enumerate(inputs):
+            if t is not None and need[i] and t.is_floating_point():
+                t = t.detach().requires_grad_(True)
+                inputs[i] = t
+                leaves.append((i, t))
+        grads = [None] * n_args
+        if not leaves:
+            return tuple(grads)
+        with torch.enable_grad():
+            out = ref(*inputs)
+            got = torch.autograd.grad(out, [t for _, t in leaves], grad, allow_unused=True)
+        for (i, _), g in zip(leaves, got):
+            grads[i] = g
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_make_autograd(adapter_linear, reference.adapter_linear, len(_LINEAR_ARGS))
+_make_autograd(adapter_embedding, reference.adapter_embedding, 6)
