@@ -1,1 +1,58 @@
-"""fastpeft: fast PEFT-compatible adapters."""
+"""fastpeft: PEFT-compatible adapters (LoRA, DoRA, IA3, AdaLoRA) with fused kernels.
+
+The public names mirror ``peft`` and Transformers' ``PeftAdapterMixin`` (see docs/usage.md).
+Importing never fails for a missing GPU, Triton or compiled extension:
+``available_backends(verbose=True)`` says which backends run here and why not.
+"""
+from __future__ import annotations
+
+from . import ops
+from .api import inject_adapter_in_model
+from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PeftType, TaskType
+from .mixin import AdapterMixin, mixed_batch, with_adapters
+from .ops import BackendUnavailableError, available_backends, get_backend, set_backend
+from .peft_model import PeftModel, get_peft_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaLoraConfig",
+    "AdapterMixin",
+    "BackendUnavailableError",
+    "IA3Config",
+    "LoraConfig",
+    "PeftConfig",
+    "PeftModel",
+    "PeftType",
+    "TaskType",
+    "available_backends",
+    "get_backend",
+    "get_peft_model",
+    "inject_adapter_in_model",
+    "mixed_batch",
+    "optimize",
+    "quantize",
+    "set_backend",
+    "with_adapters",
+]
+
+
+def __getattr__(name):
+    # optional pieces, imported on first use so a missing dependency never breaks `import fastpeft`
+    if name == "optimize":
+        from .optimize import optimize
+
+        return optimize
+    if name == "quantize":
+        from .quantize import quantize
+
+        return quantize
+    if name == "nn":
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
+    if name.startswith("AutoPeftModel"):
+        from . import auto
+
+        return getattr(auto, name)
+    raise AttributeError(f"module 'fastpeft' has no attribute {name!r}")

@@ -1,0 +1,115 @@
+"""``AdapterMixin``: Transformers' ``PeftAdapterMixin`` methods for any ``nn.Module``.
+
+Use it as a base class, or give an existing model object the methods with
+:func:`with_adapters` (a Transformers model keeps its class behaviour; the adapter methods
+become fastpeft's). Adapters are stored in ``model.peft_config`` as in Transformers.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+from torch import nn
+
+from . import checkpoint, tuner
+from .config import PeftConfig
+
+
+class AdapterMixin:
+    """Adapter methods with the names and meanings of Transformers' ``PeftAdapterMixin``."""
+
+    def load_adapter(self, peft_model_id: Optional[str] = None, adapter_name: Optional[str] = None,
+                     revision: Optional[str] = None, token=None, device_map=None,
+                     peft_config: Optional[PeftConfig] = None, adapter_state_dict: Optional[dict] = None,
+                     is_trainable: bool = False, adapter_kwargs: Optional[dict] = None, **kwargs) -> None:
+        """Load an adapter from a folder / Hub id, or from ``peft_config`` + ``adapter_state_dict``."""
+        adapter_name = adapter_name if adapter_name is not None else "default"
+        if adapter_name in getattr(self, "peft_config", {}):
+            raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
+        hub_kw = dict(revision=revision, token=token, subfolder=(adapter_kwargs or {}).get("subfolder"))
+        if peft_model_id is None and (peft_config is None or adapter_state_dict is None):
+            raise ValueError("load_adapter needs peft_model_id, or both peft_config and adapter_state_dict")
+        if peft_config is None:
+            peft_config = PeftConfig.from_pretrained(peft_model_id, **hub_kw)
+        if adapter_state_dict is None:
+            adapter_state_dict = checkpoint.load_adapter_weights(peft_model_id, **hub_kw)
+        peft_config.inference_mode = not is_trainable
+        tuner.inject(self, peft_config, adapter_name)
+        try:
+            tuner.load_weights(self, adapter_state_dict, adapter_name, peft_config)
+        except Exception:
+            tuner.delete_adapter(self, adapter_name)
+            raise
+        if not is_trainable:
+            for layer in tuner.adapter_layers(self):
+                if adapter_name in layer._adapters:
+                    for p in layer._params_of(adapter_name):
+                        p.requires_grad_(False)
+        self._hf_peft_config_loaded = True
+
+    def add_adapter(self, adapter_config: PeftConfig, adapter_name: Optional[str] = None) -> None:
+        """Add a fresh adapter for training and make it the active one (as Transformers)."""
+        adapter_name = adapter_name or "default"
+        tuner.inject(self, adapter_config, adapter_name)
+        tuner.set_adapter(self, adapter_name)
+        self._hf_peft_config_loaded = True
+
+    def _require_adapters(self):
+        if not getattr(self, "peft_config", None):
+            raise ValueError("No adapter loaded. Please load an adapter first.")
+
+    def set_adapter(self, adapter_name) -> None:
+        self._require_adapters()
+        tuner.set_adapter(self, adapter_name)
+
+    def enable_adapters(self) -> None:
+        self._require_adapters()
+        tuner.enable_adapters(self, True)
+
+    def disable_adapters(self) -> None:
+        self._require_adapters()
+        tuner.enable_adapters(self, False)
+
+    def active_adapters(self) -> list[str]:
+        self._require_adapters()
+        return tuner.active_adapters(self)
+
+    def get_adapter_state_dict(self, adapter_name: Optional[str] = None) -> dict:
+        self._require_adapters()
+        adapter_name = adapter_name or self.active_adapters()[0]
+        return tuner.adapter_state_dict(self, adapter_name)
+
+    def delete_adapter(self, adapter_names) -> None:
+        self._require_adapters()
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        tuner._check_names(self, names, "delete_adapter")
+        for n in names:
+            tuner.delete_adapter(self, n)
+        if not self.peft_config:
+            self._hf_peft_config_loaded = False
+
+
+_mixin_classes: dict[type, type] = {}
+
+
+def with_adapters(model: nn.Module) -> nn.Module:
+    """Give ``model`` (any nn.Module, e.g. a Transformers model) the mixin's methods in place."""
+    cls = type(model)
+    if isinstance(model, AdapterMixin):
+        return model
+    new_cls = _mixin_classes.get(cls)
+    if new_cls is None:
+        new_cls = type(cls.__name__, (AdapterMixin, cls), {"__module__": cls.__module__})
+        _mixin_classes[cls] = new_cls
+    model.__class__ = new_cls
+    return model
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names):
+    """Context manager: row ``i`` of each batch uses ``adapter_names[i]`` (``"__base__"``/None: none)."""
+    from .peft_model import PeftModel
+
+    inner = model.base_model.model if isinstance(model, PeftModel) else model
+    with tuner.mixed_batch(inner, adapter_names):
+        yield

@@ -1,0 +1,63 @@
+"""What kind of base module an adapter wraps, and how to read its weight as [N, K]."""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+try:  # transformers' GPT-2 style linear with weight [in, out]
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - transformers is optional
+    Conv1D = None
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return name in ("Linear4bit", "Linear8bitLt") and type(module).__module__.startswith("bitsandbytes")
+
+
+def base_kind(module: nn.Module) -> str:
+    """"linear", "conv1d", "embedding", "quant" or "other" for an adaptable base module."""
+    if _is_quantized(module):
+        return "quant"
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return "other"
+
+
+def fused_forward_ok(module: nn.Module) -> bool:
+    """True when ``module``'s forward is exactly the plain matmul/lookup the fused ops compute
+    (a subclass with its own forward, e.g. a scaled embedding, runs unfused)."""
+    if _is_quantized(module):
+        return True
+    t = type(module)
+    return t is nn.Linear or t is nn.Embedding or (Conv1D is not None and t is Conv1D)
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    """(K, N) = (input features, output features) of a linear-like base, (V, D) of an embedding."""
+    kind = base_kind(module)
+    if kind == "conv1d":
+        return module.weight.shape[0], module.weight.shape[1]
+    if kind == "embedding":
+        return module.num_embeddings, module.embedding_dim
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features, module.out_features
+    raise TypeError(
+        f"cannot adapt {type(module).__name__}: expected nn.Linear, transformers Conv1D, "
+        f"nn.Embedding or a bitsandbytes Linear4bit/Linear8bitLt"
+    )
+
+
+def weight_nk(module: nn.Module) -> Tensor:
+    """The base weight as [N, K] (a transposed view for Conv1D; dequantized for 4/8-bit)."""
+    kind = base_kind(module)
+    if kind == "conv1d":
+        return module.weight.t()
+    if kind == "quant":
+        from ..quant.layers import dequantize_weight
+
+        return dequantize_weight(module)
+    return module.weight

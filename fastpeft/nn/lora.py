@@ -1,0 +1,635 @@
+"""LoRA (with DoRA, rsLoRA, lora_bias) and AdaLoRA layers over Linear, Conv1D, 4/8-bit bases.
+
+Parameter names are PEFT's (``lora_A.<name>.weight``, ``lora_B.<name>.weight``,
+``lora_magnitude_vector.<name>.weight``, ``lora_E.<name>``, ``ranknum.<name>``) so
+``state_dict()`` and checkpoints match PEFT key for key.
+
+Storage for the kernels: all adapters of a layer live in two stacked tensors
+``lora_a [S, R, K]`` and ``lora_b [S, R, N]`` (B transposed), R = the largest rank in the
+layer, zero-padded. For LoRA the parameters are *views* into those stacks (``A.data`` is
+``lora_a[s, :r]``, ``B.data`` is ``lora_b[s, :r].t()``), so adapter memory is held once and an
+optimizer's in-place update is seen by the kernels without repacking. The stacks are rebuilt
+lazily (on the next forward) after an adapter is added or deleted, the module is moved or
+cast, or a parameter was replaced (detected by its storage pointer).
+
+Forward paths
+-------------
+* inference (no gradient needed, no active dropout): one call of
+  ``torch.ops.fastpeft.adapter_linear`` (or the quantized variant) per forward;
+* training: PEFT's own composition (base + ``lora_B(lora_A(dropout(x))) * scaling`` per
+  adapter), so dropout and gradients behave exactly as in PEFT.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import _schema  # noqa: F401  (defines torch.ops.fastpeft.*)
+from ..ops.reference import dora_weight_norm
+from ._base_kinds import base_kind, fused_forward_ok, in_out_features, weight_nk
+from .base import AdapterLayer
+
+
+class DoraMagnitude(nn.Module):
+    """Holds DoRA's magnitude vector [N] as ``.weight`` (PEFT's ``lora_magnitude_vector.<name>.weight``)."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
+def _lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class LoraLinear(AdapterLayer):
+    """LoRA/DoRA adapters on a linear-like base (nn.Linear, Conv1D, bitsandbytes 4/8-bit)."""
+
+    adapter_param_dicts = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.kind = base_kind(base_layer)
+        self.in_features, self.out_features = in_out_features(base_layer)
+        self.fan_in_fan_out = self.kind == "conv1d"
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
+        self._packed: dict = {}
+        self._dora_cache: dict = {}
+        self._dora_merge_norm: dict[str, Tensor] = {}
+
+    # ----- adding adapters ---------------------------------------------------------------------
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        lora_bias: bool = False,
+        init_lora_weights=True,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        """Add a fresh adapter; ``init_lora_weights`` as in PEFT (True: B = 0; "gaussian";
+        False: random A and B, for tests). ``dtype``: the adapter's dtype (default: base's)."""
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        self._register(name)
+        w = self.base_layer.weight
+        device = w.device
+        if dtype is None:
+            dtype = w.dtype if w.is_floating_point() else torch.float32
+        K, N = self.in_features, self.out_features
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name] = _lora_scaling(r, lora_alpha, use_rslora)
+        self.use_dora[name], self.lora_bias[name] = bool(use_dora), bool(lora_bias)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_A[name] = nn.Linear(K, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, N, bias=lora_bias, device=device, dtype=dtype)
+        self._init_weights(name, init_lora_weights)
+        if use_dora:
+            with torch.no_grad():
+                norm = self._dora_norm(name, dtype)
+            self.lora_magnitude_vector[name] = DoraMagnitude(norm.to(dtype))
+        self.set_adapter(self._active)  # keep requires_grad consistent
+
+    def _init_weights(self, name: str, init) -> None:
+        A, B = self.lora_A[name], self.lora_B[name]
+        with torch.no_grad():
+            if init is False:
+                return  # nn.Linear's default init for both: a non-zero delta (PEFT does the same)
+            if isinstance(init, str) and init.lower() == "gaussian":
+                nn.init.normal_(A.weight, std=1 / self.r[name])
+            else:
+                if init not in (True,) and not isinstance(init, str):
+                    raise ValueError(f"init_lora_weights={init!r} is not supported")
+                if isinstance(init, str):
+                    warnings.warn(
+                        f"init_lora_weights={init!r} is not implemented by fastpeft; using PEFT's "
+                        f"default (kaiming A, zero B). Adapters trained with it load normally."
+                    )
+                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+            nn.init.zeros_(B.weight)
+            if B.bias is not None:
+                nn.init.zeros_(B.bias)
+
+    def _remove(self, name: str) -> None:
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias):
+            d.pop(name, None)
+        if name in self.lora_dropout:
+            del self.lora_dropout[name]
+        self._dora_cache.clear()
+
+    def _frozen_param(self, name, p):
+        return False
+
+    # ----- helpers ------------------------------------------------------------------------------
+    def _a_weight(self, name: str) -> Tensor:
+        """Effective A [r, K] of an adapter (AdaLoRA overrides)."""
+        return self.lora_A[name].weight
+
+    def _b_weight(self, name: str) -> Tensor:
+        return self.lora_B[name].weight
+
+    def _scale(self, name: str) -> float:
+        return self.scaling[name]
+
+    def _delta_weight(self, name: str) -> Tensor:
+        """scaling * B @ A as [N, K] in the adapter dtype."""
+        return (self._b_weight(name) @ self._a_weight(name)) * self._scale(name)
+
+    def _dora_norm(self, name: str, dtype: torch.dtype) -> Tensor:
+        """||W + s B A|| per output row, computed in ``dtype`` as PEFT does."""
+        W = weight_nk(self.base_layer).to(dtype)
+        A = self._a_weight(name).to(dtype)
+        Bt = self._b_weight(name).t().to(dtype)
+        return dora_weight_norm(W, A, Bt.detach(), self._scale(name))
+
+    def _has_dora(self) -> bool:
+        return any(self.use_dora.get(n, False) for n in self._adapters)
+
+    # ----- packing for the fused operators ------------------------------------------------------
+    def _pack(self) -> None:
+        names = self._adapters
+        K, N = self.in_features, self.out_features
+        As = [self._a_weight(n) for n in names]
+        Bs = [self._b_weight(n) for n in names]
+        dtype = As[0].dtype
+        for t in As + Bs:
+            dtype = torch.promote_types(dtype, t.dtype)
+        device = As[0].device
+        R = max(a.shape[0] for a in As)
+        a = torch.zeros(len(names), R, K, dtype=dtype, device=device)
+        bt = torch.zeros(len(names), R, N, dtype=dtype, device=device)
+        ptrs = {}
+        with torch.no_grad():
+            for s, (n, A, B) in enumerate(zip(names, As, Bs)):
+                r = A.shape[0]
+                a[s, :r].copy_(A)
+                bt[s, :r].copy_(B.t())
+                if self._aliasable(n) and A.dtype == dtype and A.device == device and B.device == device:
+                    self.lora_A[n].weight.data = a[s, :r]
+                    self.lora_B[n].weight.data = bt[s, :r].t()
+                    ptrs[n] = (self.lora_A[n].weight.data_ptr(), self.lora_B[n].weight.data_ptr())
+        scales = torch.tensor([self._scale(n) for n in names], dtype=torch.float32, device=device)
+        self._packed = dict(a=a, bt=bt, scales=scales, ptrs=ptrs, versions=self._versions())
+        self._dora_cache.clear()
+        self._dirty = False
+
+    def _aliasable(self, name: str) -> bool:
+        return True
+
+    def _versions(self):
+        return None
+
+    def _pack_stale(self, names) -> bool:
+        if self._dirty or not self._packed:
+            return True
+        ptrs = self._packed["ptrs"]
+        for n in names:
+            p = ptrs.get(n)
+            if p is None:
+                return True
+            if p[0] != self.lora_A[n].weight.data_ptr() or p[1] != self.lora_B[n].weight.data_ptr():
+                return True
+        return False
+
+    def _ensure_packed(self, names) -> dict:
+        if self._pack_stale(names):
+            self._pack()
+        return self._packed
+
+    def _dora_scale(self, x_dtype: torch.dtype) -> Optional[Tensor]:
+        """[S, N] magnitude / ||W + s B A|| (1 for non-DoRA slots), cached per weight change."""
+        if not self._has_dora():
+            return None
+        W = self.base_layer.weight
+        key_parts = [W.data_ptr(), W._version]
+        for n in self._adapters:
+            if self.use_dora.get(n):
+                for p in (self._a_weight(n), self._b_weight(n), self.lora_magnitude_vector[n].weight):
+                    key_parts += [p.data_ptr(), p._version]
+        key = tuple(key_parts)
+        cached = self._dora_cache.get("scale")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        packed = self._packed
+        dtype = packed["a"].dtype
+        rows = []
+        with torch.no_grad():
+            for n in self._adapters:
+                if self.use_dora.get(n):
+                    mag = self.lora_magnitude_vector[n].weight
+                    rows.append(mag.to(dtype) / self._dora_norm(n, dtype))
+                else:
+                    rows.append(torch.ones(self.out_features, dtype=dtype, device=packed["a"].device))
+            g = torch.stack(rows)
+        self._dora_cache["scale"] = (key, g)
+        return g
+
+    # ----- forward ------------------------------------------------------------------------------
+    def _needs_composite(self, names) -> bool:
+        if not fused_forward_ok(self.base_layer):
+            return True
+        if torch.is_grad_enabled():
+            for n in names:
+                if n in self.lora_A and any(p.requires_grad for p in self._params_of(n)):
+                    return True
+        if self.training:
+            for n in names:
+                d = self.lora_dropout[n] if n in self.lora_dropout else None
+                if isinstance(d, nn.Dropout) and d.p > 0:
+                    return True
+        if any(self.lora_bias.get(n) for n in names):
+            return True
+        return False
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        mixed = self._mixed_names
+        if mixed is not None:
+            if self.merged:
+                raise ValueError("cannot use a mixed batch while adapters are merged; call unmerge_adapter() first")
+            names = [n for n in dict.fromkeys(mixed) if n in self.lora_A]
+        else:
+            if self.merged:
+                return self.base_layer(x, *args, **kwargs)
+            names = [n for n in self.active_adapters if n in self.lora_A]
+        if not names:
+            if mixed is not None:
+                self.token_slots(1, x.shape[0], x.device)  # validates the batch length
+            return self.base_layer(x, *args, **kwargs)
+        if args or kwargs or self._needs_composite(names):
+            return self._forward_composite(x, names, *args, **kwargs)
+        return self._forward_fused(x, names)
+
+    def _forward_fused(self, x: Tensor, names) -> Tensor:
+        packed = self._ensure_packed(names)
+        K, N = self.in_features, self.out_features
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, K)
+        ts = self.token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1, x.device)
+        dora = self._dora_scale(x.dtype)
+        args = (packed["a"], packed["bt"], packed["scales"], ts, dora, None, None)
+        if self.kind == "quant":
+            from ..quant.layers import quantized_adapter_linear
+
+            y = quantized_adapter_linear(self.base_layer, x2, *args)
+        else:
+            W = self.base_layer.weight
+            W = W.t() if self.kind == "conv1d" else W
+            y = torch.ops.fastpeft.adapter_linear(x2, W, self.base_layer.bias, *args)
+        return y.reshape(*lead, N)
+
+    def _lora_out(self, name: str, x: Tensor) -> Tensor:
+        """PEFT's ``lora_B(lora_A(dropout(x)))`` for one adapter (AdaLoRA overrides)."""
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
+
+    def _forward_composite(self, x: Tensor, names, *args, **kwargs) -> Tensor:
+        """PEFT's unfused computation: used for training (dropout, gradients) and odd bases."""
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        mixed = self._mixed_names
+        if mixed is not None:
+            self.token_slots(1, x.shape[0], x.device)  # validates the batch length
+            for n in names:
+                rows = [i for i, m in enumerate(mixed) if m == n]
+                sub = x[rows]
+                result[rows] = (result[rows] + self._adapter_delta(n, sub, result[rows])).to(out_dtype)
+            return result
+        for n in names:
+            result = result + self._adapter_delta(n, x, result)
+        return result.to(out_dtype)
+
+    def _adapter_delta(self, name: str, x: Tensor, result: Tensor) -> Tensor:
+        xl = x.to(self._a_weight(name).dtype)
+        scale = self._scale(name)
+        if not self.use_dora.get(name):
+            return self._lora_out(name, xl) * scale
+        # DoRA, as PEFT: g = m / ||W + s B A|| (norm detached), delta = (g-1) base + g s lora
+        dropout = self.lora_dropout[name]
+        W = weight_nk(self.base_layer).to(xl.dtype)
+        lora_weight = (self._b_weight(name) @ self._a_weight(name)).to(xl.dtype)
+        norm = torch.linalg.norm(W + scale * lora_weight.detach(), dim=1).to(W.dtype).detach()
+        g = (self.lora_magnitude_vector[name].weight / norm).view(1, -1)
+        if isinstance(dropout, nn.Identity) or not self.training:
+            base = result
+            bias = getattr(self.base_layer, "bias", None)
+            if bias is not None:
+                base = base - bias
+        else:
+            xl = dropout(xl)
+            base = F.linear(xl, W)
+        lora = self.lora_B[name](self.lora_A[name](xl))
+        return (g - 1) * base + g * lora * scale
+
+    # ----- merging -----------------------------------------------------------------------------
+    def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
+        """Fold the adapters (default: the active ones) into the base weight, as PEFT does."""
+        names = [n for n in (adapter_names or self.active_adapters) if n in self.lora_A and n not in self.merged_adapters]
+        for n in names:
+            W = weight_nk(self.base_layer)
+            orig_dtype = W.dtype
+            Wf = W.detach().to(torch.float32)
+            delta = self._delta_weight(n).detach().to(torch.float32)
+            if self.use_dora.get(n):
+                norm = torch.linalg.norm(Wf + delta, dim=1)
+                self._dora_merge_norm[n] = norm
+                g = self.lora_magnitude_vector[n].weight.detach().float() / norm
+                new = g.view(-1, 1) * (Wf + delta)
+            else:
+                new = Wf + delta
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(f"NaNs detected in the merged weights; adapter {n!r} seems to be broken")
+            self._set_base_weight(new.to(orig_dtype))
+            if self.lora_bias.get(n) and self.base_layer.bias is not None:
+                with torch.no_grad():
+                    self.base_layer.bias += self.lora_B[n].bias * self._scale(n)
+            self.merged_adapters.append(n)
+
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (in reverse order)."""
+        while self.merged_adapters:
+            n = self.merged_adapters.pop()
+            W = weight_nk(self.base_layer)
+            Wf = W.detach().to(torch.float32)
+            delta = self._delta_weight(n).detach().to(torch.float32)
+            if self.use_dora.get(n):
+                g = self.lora_magnitude_vector[n].weight.detach().float() / self._dora_merge_norm.pop(n)
+                new = Wf / g.view(-1, 1) - delta
+            else:
+                new = Wf - delta
+            self._set_base_weight(new.to(W.dtype))
+            if self.lora_bias.get(n) and self.base_layer.bias is not None:
+                with torch.no_grad():
+                    self.base_layer.bias -= self.lora_B[n].bias * self._scale(n)
+
+    def _set_base_weight(self, w_nk: Tensor) -> None:
+        if self.kind == "quant":
+            from ..quant.layers import quantized_like
+
+            warnings.warn("merging into a quantized base: dequantize, merge, requantize (rounding errors possible)")
+            self.base_layer = quantized_like(self.base_layer, w_nk)
+            return
+        with torch.no_grad():
+            if self.kind == "conv1d":
+                self.base_layer.weight.copy_(w_nk.t())
+            else:
+                self.base_layer.weight.copy_(w_nk)
+        self._dora_cache.clear()
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"adapters={self._adapters}, active={self.active_adapters}"
+
+
+class AdaLoraLinear(LoraLinear):
+    """AdaLoRA (SVD-form) adapters: ``delta = B @ (A * E) * scaling / (ranknum + 1e-5)``.
+
+    PEFT's names: ``lora_A.<name>`` [r, K], ``lora_B.<name>`` [N, r], ``lora_E.<name>`` [r, 1]
+    and the non-trainable ``ranknum.<name>`` (not saved in checkpoints). The kernels' stacks
+    hold ``A * E`` (a derived copy, rebuilt when A, E or ranknum change).
+    """
+
+    adapter_param_dicts = ("lora_A", "lora_B", "lora_E", "ranknum")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
+        self.ranknum = nn.ParameterDict()
+
+    def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, dtype=None, ranknum=None, **_):
+        """``ranknum``: the scaling divisor (PEFT keeps the initial rank there after pruning)."""
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        self._register(name)
+        w = self.base_layer.weight
+        dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
+        K, N = self.in_features, self.out_features
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name] = lora_alpha if lora_alpha > 0 else float(r)
+        self.use_dora[name], self.lora_bias[name] = False, False
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        kw = dict(device=w.device, dtype=dtype)
+        self.lora_A[name] = nn.Parameter(torch.randn(r, K, **kw))
+        self.lora_B[name] = nn.Parameter(torch.randn(N, r, **kw))
+        self.lora_E[name] = nn.Parameter(torch.randn(r, 1, **kw))
+        self.ranknum[name] = nn.Parameter(torch.full((1,), float(ranknum if ranknum is not None else r), **kw), requires_grad=False)
+        if init_lora_weights:
+            with torch.no_grad():
+                nn.init.zeros_(self.lora_E[name])
+                nn.init.normal_(self.lora_A[name], mean=0.0, std=0.02)
+                nn.init.normal_(self.lora_B[name], mean=0.0, std=0.02)
+        self.set_adapter(self._active)
+
+    def _frozen_param(self, name, p):
+        return p is self.ranknum[name] if name in self.ranknum else False
+
+    def _remove(self, name):
+        super()._remove(name)
+
+    def _a_weight(self, name):
+        return self.lora_A[name] * self.lora_E[name]
+
+    def _b_weight(self, name):
+        return self.lora_B[name]
+
+    def _scale(self, name):
+        return self.scaling[name] / (float(self.ranknum[name]) + 1e-5)
+
+    def _aliasable(self, name):
+        return False
+
+    def _versions(self):
+        return tuple(
+            (p.data_ptr(), p._version)
+            for n in self._adapters
+            for p in (self.lora_A[n], self.lora_B[n], self.lora_E[n], self.ranknum[n])
+        )
+
+    def _pack_stale(self, names):
+        return self._dirty or not self._packed or self._packed["versions"] != self._versions()
+
+    def _lora_out(self, name, x):
+        d = self.lora_dropout[name](x)
+        return (d @ (self.lora_A[name] * self.lora_E[name]).T) @ self.lora_B[name].T
+
+    def _adapter_delta(self, name, x, result):
+        xl = x.to(self.lora_A[name].dtype)
+        return self._lora_out(name, xl) * self.scaling[name] / (self.ranknum[name] + 1e-5)
+
+
+class LoraEmbedding(AdapterLayer):
+    """LoRA on nn.Embedding: ``lora_embedding_A.<name>`` [r, V], ``lora_embedding_B.<name>`` [D, r]."""
+
+    adapter_param_dicts = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        self.num_embeddings, self.embedding_dim = in_out_features(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r, self.lora_alpha, self.scaling = {}, {}, {}
+        self.use_dora: dict[str, bool] = {}
+        self._packed: dict = {}
+
+    def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, use_rslora=False, use_dora=False,
+                    lora_bias=False, init_lora_weights=True, dtype=None):
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        if use_dora:
+            raise ValueError("DoRA on embeddings is not supported by fastpeft yet; use_dora=False for embedding layers")
+        if lora_bias:
+            raise ValueError("lora_bias is not supported on embedding layers (PEFT neither)")
+        self._register(name)
+        w = self.base_layer.weight
+        dtype = dtype or w.dtype
+        kw = dict(device=w.device, dtype=dtype)
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name] = _lora_scaling(r, lora_alpha, use_rslora)
+        self.use_dora[name] = False
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        A = torch.empty(r, self.num_embeddings, **kw)
+        B = torch.empty(self.embedding_dim, r, **kw)
+        with torch.no_grad():
+            if init_lora_weights is False:
+                nn.init.normal_(A)
+                nn.init.normal_(B)
+            else:
+                nn.init.zeros_(A)
+                nn.init.normal_(B)
+        self.lora_embedding_A[name] = nn.Parameter(A)
+        self.lora_embedding_B[name] = nn.Parameter(B)
+        self.set_adapter(self._active)
+
+    def _remove(self, name):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_dora):
+            d.pop(name, None)
+        if name in self.lora_dropout:
+            del self.lora_dropout[name]
+
+    def _pack(self):
+        names = self._adapters
+        As = [self.lora_embedding_A[n] for n in names]
+        Bs = [self.lora_embedding_B[n] for n in names]
+        dtype, device = As[0].dtype, As[0].device
+        R = max(a.shape[0] for a in As)
+        a = torch.zeros(len(names), R, self.num_embeddings, dtype=dtype, device=device)
+        bt = torch.zeros(len(names), R, self.embedding_dim, dtype=dtype, device=device)
+        ptrs = {}
+        with torch.no_grad():
+            for s, (n, A, B) in enumerate(zip(names, As, Bs)):
+                r = A.shape[0]
+                a[s, :r].copy_(A)
+                bt[s, :r].copy_(B.t())
+                if A.dtype == dtype and B.dtype == dtype and A.device == device:
+                    self.lora_embedding_A[n].data = a[s, :r]
+                    self.lora_embedding_B[n].data = bt[s, :r].t()
+                    ptrs[n] = (self.lora_embedding_A[n].data_ptr(), self.lora_embedding_B[n].data_ptr())
+        scales = torch.tensor([self.scaling[n] for n in names], dtype=torch.float32, device=device)
+        self._packed = dict(a=a, bt=bt, scales=scales, ptrs=ptrs)
+        self._dirty = False
+
+    def _ensure_packed(self, names):
+        stale = self._dirty or not self._packed
+        if not stale:
+            ptrs = self._packed["ptrs"]
+            for n in names:
+                p = ptrs.get(n)
+                if p is None or p != (self.lora_embedding_A[n].data_ptr(), self.lora_embedding_B[n].data_ptr()):
+                    stale = True
+                    break
+        if stale:
+            self._pack()
+        return self._packed
+
+    def _embed(self, ids: Tensor, weight: Tensor) -> Tensor:
+        b = self.base_layer
+        return F.embedding(ids, weight, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        mixed = self._mixed_names
+        if mixed is not None:
+            if self.merged:
+                raise ValueError("cannot use a mixed batch while adapters are merged; call unmerge_adapter() first")
+            names = [n for n in dict.fromkeys(mixed) if n in self.lora_embedding_A]
+        else:
+            if self.merged:
+                return self.base_layer(x, *args, **kwargs)
+            names = [n for n in self.active_adapters if n in self.lora_embedding_A]
+        batch = x.shape[0] if x.dim() > 0 else 1
+        if not names:
+            if mixed is not None:
+                self.token_slots(1, batch, x.device)
+            return self.base_layer(x, *args, **kwargs)
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for n in names for p in self._params_of(n))
+        if args or kwargs or needs_grad or not fused_forward_ok(self.base_layer) or self.base_layer.max_norm is not None:
+            return self._forward_composite(x, names, *args, **kwargs)
+        packed = self._ensure_packed(names)
+        ids = x.reshape(-1)
+        ts = self.token_slots(ids.shape[0], batch, x.device)
+        y = torch.ops.fastpeft.adapter_embedding(ids, self.base_layer.weight, packed["a"], packed["bt"], packed["scales"], ts)
+        return y.reshape(*x.shape, self.embedding_dim)
+
+    def _forward_composite(self, x, names, *args, **kwargs):
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        mixed = self._mixed_names
+        if mixed is not None:
+            self.token_slots(1, x.shape[0], x.device)
+            for n in names:
+                rows = [i for i, m in enumerate(mixed) if m == n]
+                after_a = self._embed(x[rows], self.lora_embedding_A[n].T)
+                result[rows] = result[rows] + (after_a @ self.lora_embedding_B[n].T) * self.scaling[n]
+            return result
+        for n in names:
+            after_a = self._embed(x, self.lora_embedding_A[n].T)
+            result = result + (after_a @ self.lora_embedding_B[n].T) * self.scaling[n]
+        return result.to(out_dtype)
+
+    def _delta_weight(self, name):
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def merge(self, adapter_names=None, safe_merge=False):
+        names = [n for n in (adapter_names or self.active_adapters) if n in self.lora_embedding_A and n not in self.merged_adapters]
+        for n in names:
+            with torch.no_grad():
+                new = self.base_layer.weight + self._delta_weight(n).to(self.base_layer.weight.dtype)
+                if safe_merge and not torch.isfinite(new).all():
+                    raise ValueError(f"NaNs detected in the merged weights; adapter {n!r} seems to be broken")
+                self.base_layer.weight.copy_(new)
+            self.merged_adapters.append(n)
+
+    def unmerge(self):
+        while self.merged_adapters:
+            n = self.merged_adapters.pop()
+            with torch.no_grad():
+                self.base_layer.weight -= self._delta_weight(n).to(self.base_layer.weight.dtype)
+
+    def get_base_layer(self):
+        return self.base_layer

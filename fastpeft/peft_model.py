@@ -1,0 +1,209 @@
+"""``PeftModel``: PEFT's wrapper class, same attributes (``base_model.model``) and methods."""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import checkpoint, tuner
+from .config import PeftConfig
+
+
+class AdapterModel(nn.Module):
+    """The tuner level of PEFT (``LoraModel`` & co.): holds the user model as ``.model`` so
+    state-dict keys read ``base_model.model.<path>`` exactly as in PEFT."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def peft_config(self) -> dict:
+        return tuner._configs(self.model)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A model with adapters, as ``peft.PeftModel``.
+
+    Build it with :func:`fastpeft.get_peft_model` (fresh adapter) or
+    :meth:`PeftModel.from_pretrained` (saved adapter, local folder or Hub repo id).
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
+        super().__init__()
+        self.base_model = AdapterModel(model)
+        self._autocast = autocast_adapter_dtype
+        tuner.inject(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if getattr(peft_config, "inference_mode", False):
+            self._freeze_adapters(adapter_name)
+
+    # ----- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
+                        revision: Optional[str] = None, token=None, subfolder: Optional[str] = None,
+                        autocast_adapter_dtype: bool = True, **kwargs) -> "PeftModel":
+        """Load a saved adapter (PEFT format) from a folder or Hub repo id onto ``model``."""
+        hub_kw = dict(subfolder=subfolder, revision=revision, token=token)
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, **hub_kw)
+        weights = checkpoint.load_adapter_weights(model_id, **hub_kw)
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            tuner.load_weights(peft_model.base_model.model, weights, adapter_name, config)
+        except Exception:
+            tuner.unload(peft_model.base_model.model, merge_first=False)
+            raise
+        if not is_trainable:
+            peft_model.eval()
+            peft_model._freeze_adapters(adapter_name)
+        return peft_model
+
+    # ----- the adapters ------------------------------------------------------------------------
+    @property
+    def peft_config(self) -> dict:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return tuner.active_adapters(self.base_model.model)
+
+    @property
+    def active_adapter(self):
+        act = self.active_adapters
+        return act[0] if len(act) == 1 else act
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     revision: Optional[str] = None, token=None, subfolder: Optional[str] = None, **kwargs):
+        """Load another saved adapter under ``adapter_name`` (not made active)."""
+        hub_kw = dict(subfolder=subfolder, revision=revision, token=token)
+        config = PeftConfig.from_pretrained(model_id, **hub_kw)
+        weights = checkpoint.load_adapter_weights(model_id, **hub_kw)
+        config.inference_mode = not is_trainable
+        model = self.base_model.model
+        tuner.inject(model, config, adapter_name, autocast_adapter_dtype=self._autocast)
+        try:
+            tuner.load_weights(model, weights, adapter_name, config)
+        except Exception:
+            tuner.delete_adapter(model, adapter_name)
+            raise
+        if not is_trainable:
+            self._freeze_adapters(adapter_name)
+        return self
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a fresh adapter (not made active; use :meth:`set_adapter`)."""
+        tuner.inject(self.base_model.model, peft_config, adapter_name, autocast_adapter_dtype=self._autocast)
+
+    def set_adapter(self, adapter_name) -> None:
+        tuner.set_adapter(self.base_model.model, adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        tuner.delete_adapter(self.base_model.model, adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Context manager: the base model alone inside the block (modules_to_save too)."""
+        model = self.base_model.model
+        was_enabled = tuner.adapters_enabled(model)
+        tuner.enable_adapters(model, False)
+        try:
+            yield
+        finally:
+            tuner.enable_adapters(model, was_enabled)
+
+    def _freeze_adapters(self, adapter_name: str) -> None:
+        for layer in tuner.adapter_layers(self.base_model.model):
+            if adapter_name in layer._adapters:
+                for p in layer._params_of(adapter_name):
+                    p.requires_grad_(False)
+
+    # ----- merging -----------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names=None) -> None:
+        tuner.merge(self.base_model.model, adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        tuner.unmerge(self.base_model.model)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        return tuner.unload(self.base_model.model, merge_first=True, adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unload(self) -> nn.Module:
+        return tuner.unload(self.base_model.model, merge_first=False)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # ----- saving ------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, selected_adapters=None, **kwargs) -> None:
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter, as PEFT:
+        the default adapter in ``save_directory``, others in ``save_directory/<name>``."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!r} is a file; give a folder")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"save_pretrained: unknown adapter(s) {unknown}; the model has {list(self.peft_config)}")
+        for name in names:
+            out = save_directory if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(out, exist_ok=True)
+            sd = tuner.adapter_state_dict(self.base_model.model, name)
+            checkpoint.save_adapter_weights(sd, out)
+            cfg = self.peft_config[name]
+            cfg.inference_mode = True
+            cfg.save_pretrained(out)
+
+    # ----- running -------------------------------------------------------------------------------
+    def forward(self, *args, adapter_names=None, **kwargs):
+        model = self.base_model.model
+        if adapter_names is None:
+            return model(*args, **kwargs)
+        with tuner.mixed_batch(model, adapter_names):
+            return model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names=None, **kwargs):
+        model = self.base_model.model
+        if adapter_names is None:
+            return model.generate(*args, **kwargs)
+        with tuner.mixed_batch(model, adapter_names):
+            return model.generate(*args, **kwargs)
+
+    # ----- reporting -----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        t, a = self.get_nb_trainable_parameters()
+        print(f"trainable params: {t:,d} || all params: {a:,d} || trainable%: {100 * t / max(a, 1):.4f}")
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
+                   autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
+    """Wrap ``model`` with a fresh adapter (PEFT's ``get_peft_model``)."""
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)

@@ -1,0 +1,350 @@
+"""Model-level adapter operations on any ``nn.Module`` (the engine behind PeftModel and the mixin).
+
+The adapters' configs live in ``model.peft_config`` (a dict name -> config), as in PEFT and
+Transformers. Every operation that can fail on bad input validates before it changes the
+model, or rolls its change back, so a failed call leaves the model working as before.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import checkpoint, targeting
+from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PeftType
+from .nn import AdaLoraLinear, AdapterLayer, IA3Linear, LoraEmbedding, LoraLinear, ModulesToSaveWrapper
+from .nn._base_kinds import base_kind
+from .nn.base import BASE_NAMES
+
+
+def _configs(model: nn.Module) -> dict:
+    cfg = getattr(model, "peft_config", None)
+    if cfg is None:
+        cfg = {}
+        model.peft_config = cfg
+    return cfg
+
+
+def adapter_layers(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, AdapterLayer)]
+
+
+def _method(config: PeftConfig) -> str:
+    if isinstance(config, AdaLoraConfig):
+        return "adalora"
+    if isinstance(config, LoraConfig):
+        return "lora"
+    if isinstance(config, IA3Config):
+        return "ia3"
+    raise TypeError(f"unsupported config type {type(config).__name__}; expected LoraConfig, IA3Config or AdaLoraConfig")
+
+
+_LAYER_FOR = {"lora": LoraLinear, "adalora": AdaLoraLinear, "ia3": IA3Linear}
+
+
+def _parent(model: nn.Module, path: str):
+    if "." in path:
+        parent_path, child = path.rsplit(".", 1)
+        return model.get_submodule(parent_path), child
+    return model, path
+
+
+def _adapter_dtype(base: nn.Module, autocast: bool) -> Optional[torch.dtype]:
+    w = getattr(base, "weight", None)
+    if w is None or not w.is_floating_point():
+        return torch.float32
+    if autocast and w.dtype in (torch.float16, torch.bfloat16):
+        return torch.float32  # PEFT's autocast_adapter_dtype=True
+    return w.dtype
+
+
+def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = False) -> list[str]:
+    """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place.
+
+    Returns the module paths that got the adapter. Raises (model unchanged) for a duplicate
+    name, a config of another method than the model's existing adapters, or a config that
+    targets nothing.
+    """
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+    configs = _configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
+    method = _method(config)
+    for other_name, other in configs.items():
+        if _method(other) != method:
+            raise ValueError(
+                f"cannot add a {method} adapter next to {_method(other)} adapter {other_name!r}: "
+                f"one model holds adapters of one method"
+            )
+    config = targeting.prepare_config(config, model)
+    paths = targeting.find_target_modules(model, config)
+    # map 'x.base_layer' (the base inside an existing adapter layer) to the layer itself
+    paths = list(dict.fromkeys(p[: -len(".base_layer")] if p.endswith(".base_layer") else p for p in paths))
+    save_paths = targeting.find_modules_to_save(model, config) if getattr(config, "modules_to_save", None) else []
+    created: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child name, original) to undo
+    configs[adapter_name] = config
+    try:
+        for path in paths:
+            module = model.get_submodule(path)
+            if isinstance(module, ModulesToSaveWrapper):
+                continue
+            if not isinstance(module, AdapterLayer):
+                layer = _new_layer(method, module, path, config)
+                parent, child = _parent(model, path)
+                setattr(parent, child, layer)
+                created.append((parent, child, module))
+                module = layer
+            _add_to_layer(module, method, adapter_name, path, config, autocast_adapter_dtype)
+        for path in save_paths:
+            module = model.get_submodule(path)
+            if not isinstance(module, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(module)
+                parent, child = _parent(model, path)
+                setattr(parent, child, wrapper)
+                created.append((parent, child, module))
+                module = wrapper
+            module.add_adapter(adapter_name)
+        if len(configs) == 1:
+            set_adapter(model, adapter_name)
+        else:
+            current = active_adapters(model)
+            for layer in adapter_layers(model):
+                layer.set_adapter(current)
+        enabled = not any(layer.disable_adapters for layer in adapter_layers(model))
+        for layer in adapter_layers(model):
+            layer.enable_adapters(enabled)
+    except Exception:
+        _remove_adapter_from_layers(model, adapter_name)
+        for parent, child, original in reversed(created):
+            setattr(parent, child, original)
+        configs.pop(adapter_name, None)
+        raise
+    _freeze_base(model)
+    return paths
+
+
+def _new_layer(method: str, module: nn.Module, path: str, config) -> AdapterLayer:
+    kind = base_kind(module)
+    if kind == "other":
+        raise ValueError(
+            f"target module {path!r} is a {type(module).__name__}; fastpeft adapts nn.Linear, "
+            f"transformers Conv1D, nn.Embedding and bitsandbytes Linear4bit/Linear8bitLt"
+        )
+    if method == "lora" and kind == "embedding":
+        return LoraEmbedding(module)
+    if kind == "embedding":
+        raise ValueError(f"{method} on embedding layers is not supported (module {path!r})")
+    if method == "ia3":
+        return IA3Linear(module, is_feedforward=targeting.is_feedforward(path, config))
+    return _LAYER_FOR[method](module)
+
+
+def _add_to_layer(layer, method, adapter_name, path, config, autocast):
+    dtype = _adapter_dtype(layer.base_layer, autocast)
+    if method == "ia3":
+        layer.add_adapter(adapter_name, init_ia3_weights=config.init_ia3_weights, dtype=dtype)
+        return
+    r, alpha = targeting.get_rank_and_alpha(path, config)
+    if method == "adalora":
+        ranks = targeting.adalora_ranks(config) if getattr(config, "rank_pattern", None) else {}
+        r = ranks.get(path, config.init_r)
+        if r == 0:
+            return  # every rank pruned: PEFT keeps no adapter weights here
+        layer.add_adapter(adapter_name, r=int(r), lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          init_lora_weights=config.init_lora_weights, dtype=dtype, ranknum=config.init_r)
+        return
+    layer.add_adapter(
+        adapter_name,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        lora_bias=getattr(config, "lora_bias", False),
+        init_lora_weights=config.init_lora_weights,
+        dtype=dtype,
+    )
+
+
+def _freeze_base(model: nn.Module) -> None:
+    """Only adapter parameters train (and biases per the configs' ``bias`` mode, as PEFT)."""
+    adapter_params = set()
+    for layer in adapter_layers(model):
+        for name in layer._adapters:
+            adapter_params.update(id(p) for p in layer._params_of(name))
+    bias_modes = {getattr(c, "bias", "none") for c in _configs(model).values()}
+    for n, p in model.named_parameters():
+        if id(p) in adapter_params:
+            continue
+        trainable = False
+        if "all" in bias_modes and n.endswith("bias"):
+            trainable = True
+        elif "lora_only" in bias_modes and n.endswith("base_layer.bias"):
+            trainable = True
+        p.requires_grad_(trainable)
+    for c in _configs(model).values():
+        if getattr(c, "inference_mode", False):
+            for layer in adapter_layers(model):
+                for p in layer.parameters():
+                    if id(p) in adapter_params:
+                        pass
+
+
+def _remove_adapter_from_layers(model: nn.Module, adapter_name: str) -> None:
+    for layer in adapter_layers(model):
+        if adapter_name in layer._adapters:
+            if adapter_name in layer.merged_adapters:
+                layer.unmerge()
+            layer.delete_adapter(adapter_name)
+
+
+# ----- state ----------------------------------------------------------------------------------
+def load_weights(model: nn.Module, file_sd: dict, adapter_name: str, config: PeftConfig) -> None:
+    """Copy a PEFT-format state dict into adapter ``adapter_name`` (already injected).
+
+    Raises ValueError (before copying anything) for keys that match no module, shapes that
+    differ from the model's (another rank or hidden size), or a file with no weight for it.
+    """
+    own = model.state_dict(keep_vars=True)
+    mapped, unexpected = checkpoint.adapter_keys_to_model_keys(file_sd, adapter_name, config, own.keys())
+    if unexpected:
+        raise ValueError(
+            f"adapter {adapter_name!r}: {len(unexpected)} weight(s) match no module of the model, e.g. "
+            f"{unexpected[:3]}; is this adapter for another model?"
+        )
+    if not mapped:
+        raise ValueError(f"adapter {adapter_name!r}: the weights file holds no weight for this adapter")
+    for key, t in mapped.items():
+        target = own[key]
+        if tuple(target.shape) != tuple(t.shape):
+            raise ValueError(
+                f"adapter {adapter_name!r}: weight {key!r} has shape {tuple(t.shape)} but the model "
+                f"expects {tuple(target.shape)} (r={getattr(config, 'r', '?')} in the config; another "
+                f"rank or hidden size?)"
+            )
+    expected = set(checkpoint.expected_adapter_keys(own.keys(), adapter_name))
+    missing = sorted(k for k in expected if k not in mapped)
+    if missing:
+        warnings.warn(f"adapter {adapter_name!r}: {len(missing)} weight(s) not in the file, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for key, t in mapped.items():
+            own[key].copy_(t)
+    for layer in adapter_layers(model):
+        layer._dirty = True
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict:
+    configs = _configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; the model has {list(configs)}")
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    return checkpoint.get_adapter_state_dict(sd, adapter_name, configs[adapter_name])
+
+
+# ----- activity -------------------------------------------------------------------------------
+def _check_names(model: nn.Module, names: Iterable[str], what: str) -> list[str]:
+    configs = _configs(model)
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise ValueError(f"{what}: unknown adapter(s) {unknown}; the model has {list(configs)}")
+    return names
+
+
+def set_adapter(model: nn.Module, names) -> None:
+    names = _check_names(model, names, "set_adapter")
+    if not names:
+        raise ValueError("set_adapter: give at least one adapter name")
+    for layer in adapter_layers(model):
+        layer.set_adapter(names)
+    model._fastpeft_active = list(names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    act = getattr(model, "_fastpeft_active", None)
+    if act is not None:
+        return list(act)
+    return []
+
+
+def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
+    for layer in adapter_layers(model):
+        layer.enable_adapters(enabled)
+
+
+def adapters_enabled(model: nn.Module) -> bool:
+    layers = adapter_layers(model)
+    return not layers or not layers[0].disable_adapters
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    _check_names(model, [adapter_name], "delete_adapter")
+    _remove_adapter_from_layers(model, adapter_name)
+    configs = _configs(model)
+    del configs[adapter_name]
+    act = [a for a in active_adapters(model) if a != adapter_name]
+    if not act and configs:
+        act = [next(iter(configs))]
+    model._fastpeft_active = act
+    for layer in adapter_layers(model):
+        layer.set_adapter(act)
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]]):
+    """Row ``i`` of every batch in this block uses adapter ``adapter_names[i]``
+    (``"__base__"`` or ``None``: no adapter). Nothing is left behind if the block raises."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"adapter_names must be a list of names, one per batch row, got {type(adapter_names).__name__}")
+    names = tuple("__base__" if n is None else n for n in adapter_names)
+    configs = _configs(model)
+    unknown = sorted({n for n in names if n not in configs and n not in BASE_NAMES})
+    if unknown:
+        raise ValueError(f"mixed batch: unknown adapter(s) {unknown}; the model has {list(configs)}")
+    layers = adapter_layers(model)
+    if any(layer.merged for layer in layers):
+        raise ValueError("cannot use a mixed batch while adapters are merged; call unmerge_adapter() first")
+    previous = [layer._mixed_names for layer in layers]
+    try:
+        for layer in layers:
+            layer._mixed_names = names
+        yield
+    finally:
+        for layer, p in zip(layers, previous):
+            layer._mixed_names = p
+
+
+# ----- merging ----------------------------------------------------------------------------------
+def merge(model: nn.Module, adapter_names=None, safe_merge: bool = False) -> None:
+    names = _check_names(model, adapter_names, "merge") if adapter_names is not None else None
+    for layer in adapter_layers(model):
+        layer.merge(names, safe_merge=safe_merge)
+
+
+def unmerge(model: nn.Module) -> None:
+    for layer in adapter_layers(model):
+        layer.unmerge()
+
+
+def unload(model: nn.Module, merge_first: bool, adapter_names=None, safe_merge: bool = False) -> nn.Module:
+    """Replace every adapter layer by its base (merged first if asked); returns ``model``."""
+    if merge_first:
+        merge(model, adapter_names, safe_merge)
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, AdapterLayer):
+            continue
+        parent, child = _parent(model, path)
+        if isinstance(module, ModulesToSaveWrapper):
+            act = [a for a in module.active_adapters if a in module.modules_to_save]
+            replacement = module.modules_to_save[act[0]] if act else module.original_module
+        else:
+            replacement = module.base_layer
+        setattr(parent, child, replacement)
+    if hasattr(model, "peft_config"):
+        model.peft_config = {}
+    model._fastpeft_active = []
+    return model
