@@ -102,7 +102,11 @@ def _hub_download(repo_id, filename, subfolder, revision, token, cache_dir, requ
         RevisionNotFoundError,
     )
 
-    offline = local_files_only or constants.is_offline_mode()
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it again now so that setting it
+    # later (as tests and notebooks do) still means no network access and no retry wait
+    env_offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    offline = local_files_only or env_offline or constants.is_offline_mode()
+    local_files_only = local_files_only or offline
     try:
         return hf_hub_download(
             repo_id,

@@ -34,12 +34,7 @@ class AdapterMixin:
         if adapter_state_dict is None:
             adapter_state_dict = checkpoint.load_adapter_weights(peft_model_id, **hub_kw)
         peft_config.inference_mode = not is_trainable
-        tuner.inject(self, peft_config, adapter_name)
-        try:
-            tuner.load_weights(self, adapter_state_dict, adapter_name, peft_config)
-        except Exception:
-            tuner.delete_adapter(self, adapter_name)
-            raise
+        tuner.inject(self, peft_config, adapter_name, weights=adapter_state_dict)
         if not is_trainable:
             for layer in tuner.adapter_layers(self):
                 if adapter_name in layer._adapters:

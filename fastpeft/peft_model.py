@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import checkpoint, tuner
+from . import checkpoint, targeting, tuner
 from .config import PeftConfig
 
 
@@ -44,11 +44,13 @@ class PeftModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False):
+                 autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, _weights=None):
         super().__init__()
         self.base_model = AdapterModel(model)
         self._autocast = autocast_adapter_dtype
-        tuner.inject(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        # PEFT's PeftModelFor<Task> classes add the task head to modules_to_save
+        peft_config = targeting.with_task_defaults(peft_config)
+        tuner.inject(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, weights=_weights)
         if getattr(peft_config, "inference_mode", False):
             self._freeze_adapters(adapter_name)
 
@@ -64,12 +66,8 @@ class PeftModel(nn.Module):
             config = PeftConfig.from_pretrained(model_id, **hub_kw)
         weights = checkpoint.load_adapter_weights(model_id, **hub_kw)
         config.inference_mode = not is_trainable
-        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        try:
-            tuner.load_weights(peft_model.base_model.model, weights, adapter_name, config)
-        except Exception:
-            tuner.unload(peft_model.base_model.model, merge_first=False)
-            raise
+        peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                         _weights=weights)
         if not is_trainable:
             peft_model.eval()
             peft_model._freeze_adapters(adapter_name)
@@ -96,19 +94,15 @@ class PeftModel(nn.Module):
         config = PeftConfig.from_pretrained(model_id, **hub_kw)
         weights = checkpoint.load_adapter_weights(model_id, **hub_kw)
         config.inference_mode = not is_trainable
-        model = self.base_model.model
-        tuner.inject(model, config, adapter_name, autocast_adapter_dtype=self._autocast)
-        try:
-            tuner.load_weights(model, weights, adapter_name, config)
-        except Exception:
-            tuner.delete_adapter(model, adapter_name)
-            raise
+        config = targeting.with_task_defaults(config)
+        tuner.inject(self.base_model.model, config, adapter_name, autocast_adapter_dtype=self._autocast, weights=weights)
         if not is_trainable:
             self._freeze_adapters(adapter_name)
         return self
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a fresh adapter (not made active; use :meth:`set_adapter`)."""
+        peft_config = targeting.with_task_defaults(peft_config)
         tuner.inject(self.base_model.model, peft_config, adapter_name, autocast_adapter_dtype=self._autocast)
 
     def set_adapter(self, adapter_name) -> None:
@@ -163,7 +157,7 @@ class PeftModel(nn.Module):
         for name in names:
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             os.makedirs(out, exist_ok=True)
-            sd = tuner.adapter_state_dict(self.base_model.model, name)
+            sd = checkpoint.add_peft_prefix(tuner.adapter_state_dict(self.base_model.model, name))
             checkpoint.save_adapter_weights(sd, out)
             cfg = self.peft_config[name]
             cfg.inference_mode = True

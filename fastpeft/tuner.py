@@ -61,12 +61,14 @@ def _adapter_dtype(base: nn.Module, autocast: bool) -> Optional[torch.dtype]:
     return w.dtype
 
 
-def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default", autocast_adapter_dtype: bool = False) -> list[str]:
-    """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place.
+def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
+           autocast_adapter_dtype: bool = False, weights: Optional[dict] = None) -> list[str]:
+    """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place, and fill it
+    from ``weights`` (a PEFT-format state dict) when given.
 
-    Returns the module paths that got the adapter. Raises (model unchanged) for a duplicate
-    name, a config of another method than the model's existing adapters, or a config that
-    targets nothing.
+    Returns the module paths that got the adapter. Raises (model unchanged: every layer it
+    created is unwrapped again) for a duplicate name, a config of another method than the
+    model's existing adapters, a config that targets nothing, or weights that do not fit.
     """
     if not isinstance(adapter_name, str) or not adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
@@ -117,11 +119,18 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default", 
         enabled = not any(layer.disable_adapters for layer in adapter_layers(model))
         for layer in adapter_layers(model):
             layer.enable_adapters(enabled)
+        if weights is not None:
+            load_weights(model, weights, adapter_name, config)
     except Exception:
         _remove_adapter_from_layers(model, adapter_name)
         for parent, child, original in reversed(created):
             setattr(parent, child, original)
         configs.pop(adapter_name, None)
+        if not configs:
+            model._fastpeft_active = []
+        else:
+            for layer in adapter_layers(model):
+                layer.set_adapter(active_adapters(model))
         raise
     _freeze_base(model)
     return paths

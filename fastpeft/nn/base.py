@@ -40,6 +40,19 @@ class AdapterLayer(nn.Module):
         self._dirty = True
         self._slots_cache: dict = {}
 
+    # PEFT's tuner layers expose the base layer's weight and bias (model code reads them,
+    # e.g. T5 checks ``self.wo.weight.dtype``)
+    @property
+    def weight(self) -> Tensor:
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
     # ----- names and slots -------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:
