@@ -1,0 +1,61 @@
+"""The ``"triton"`` backend: fused Triton kernels for ``adapter_linear`` and ``adapter_embedding``.
+
+Registered for CUDA tensors when a CUDA device is usable, and additionally for CPU tensors when
+``TRITON_INTERPRET=1`` is set (the Triton interpreter: correct but slow, used by the tests on
+machines without a GPU; it must be set before ``fastpeft`` is imported, because Triton reads it
+when the kernels are decorated). Otherwise the backend is marked unavailable with the reason.
+The kernels and the dispatcher live in :mod:`fastpeft.kernels`.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import backends
+
+_BACKEND = "triton"
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_usable() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        major, _ = torch.cuda.get_device_capability()
+    except Exception as e:  # pragma: no cover - broken driver
+        return False, f"CUDA device not usable: {e}"
+    if major < 7:
+        return False, f"CUDA device has compute capability {major}.x; the Triton kernels need 7.0 or newer"
+    return True, ""
+
+
+def _load() -> None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        backends.mark_unavailable(_BACKEND, f"triton is not importable ({type(e).__name__}: {e}); pip install triton")
+        return
+    devices = []
+    cuda_ok, why_not = _cuda_usable()
+    if cuda_ok:
+        devices.append("cuda")
+    if _interpret_requested():
+        devices.append("cpu")
+    if not devices:
+        backends.mark_unavailable(
+            _BACKEND,
+            f"{why_not} and TRITON_INTERPRET is not set (set TRITON_INTERPRET=1 before importing fastpeft "
+            "to run the Triton kernels on CPU tensors in the interpreter)",
+        )
+        return
+    from ..kernels import lora_embedding, lora_linear
+
+    backends.register("adapter_linear", _BACKEND, lora_linear.adapter_linear, devices=tuple(devices))
+    backends.register("adapter_embedding", _BACKEND, lora_embedding.adapter_embedding, devices=tuple(devices))
+
+
+_load()

@@ -1,0 +1,30 @@
+"""Shared test setup: run the Triton kernels in the interpreter when there is no GPU, and give
+every test the list of devices that exist here.
+
+``TRITON_INTERPRET`` must be set before anything imports fastpeft (Triton reads it when the
+kernels are decorated), so it is set at the top of this file, which pytest imports first.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# The devices the same tests run on: CUDA tensors on a GPU machine, CPU tensors (Triton
+# interpreter) elsewhere.
+DEVICES = ["cuda"] if HAS_CUDA else ["cpu"]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """One device per test instance (parametrized over ``DEVICES``)."""
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def devices():
+    """The list of device names the suite runs on here."""
+    return list(DEVICES)
