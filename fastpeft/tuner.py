@@ -29,7 +29,25 @@ def _configs(model: nn.Module) -> dict:
 
 
 def adapter_layers(model: nn.Module):
-    return [m for m in model.modules() if isinstance(m, AdapterLayer)]
+    """The adapter layers of ``model`` in ``model.modules()`` order. Does not walk the adapter
+    containers of LoRA/IA3 layers (``lora_A.<name>`` ...): with hundreds of adapters they are
+    most of the modules, and no adapter layer lives there."""
+    out, seen = [], set()
+
+    def walk(m):
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        if isinstance(m, AdapterLayer):
+            out.append(m)
+            if not isinstance(m, ModulesToSaveWrapper):
+                return
+        for child in m._modules.values():
+            if child is not None:
+                walk(child)
+
+    walk(model)
+    return out
 
 
 def _method(config: PeftConfig) -> str:
@@ -179,28 +197,41 @@ def _add_to_layer(layer, method, adapter_name, path, config, autocast):
     )
 
 
+def _base_named_parameters(model: nn.Module):
+    """(name, parameter) of the parameters outside the adapters, as ``named_parameters`` names
+    them; adapter layers are entered only through their base module, so the cost does not grow
+    with the number of adapters."""
+    seen: set = set()
+
+    def walk(m, prefix):
+        for n, p in m._parameters.items():
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield prefix + n, p
+        if isinstance(m, ModulesToSaveWrapper):
+            children = [("original_module", m.original_module)]
+        elif isinstance(m, AdapterLayer):
+            children = [("base_layer", m.base_layer)]
+        else:
+            children = m._modules.items()
+        for cn, c in children:
+            if c is not None:
+                yield from walk(c, prefix + cn + ".")
+
+    yield from walk(model, "")
+
+
 def _freeze_base(model: nn.Module) -> None:
     """Only adapter parameters train (and biases per the configs' ``bias`` mode, as PEFT)."""
-    adapter_params = set()
-    for layer in adapter_layers(model):
-        for name in layer._adapters:
-            adapter_params.update(id(p) for p in layer._params_of(name))
     bias_modes = {getattr(c, "bias", "none") for c in _configs(model).values()}
-    for n, p in model.named_parameters():
-        if id(p) in adapter_params:
-            continue
+    for n, p in _base_named_parameters(model):
         trainable = False
         if "all" in bias_modes and n.endswith("bias"):
             trainable = True
         elif "lora_only" in bias_modes and n.endswith("base_layer.bias"):
             trainable = True
-        p.requires_grad_(trainable)
-    for c in _configs(model).values():
-        if getattr(c, "inference_mode", False):
-            for layer in adapter_layers(model):
-                for p in layer.parameters():
-                    if id(p) in adapter_params:
-                        pass
+        if p.requires_grad != trainable:
+            p.requires_grad_(trainable)
 
 
 def _remove_adapter_from_layers(model: nn.Module, adapter_name: str) -> None:
@@ -318,6 +349,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]]):
     if any(layer.merged for layer in layers):
         raise ValueError("cannot use a mixed batch while adapters are merged; call unmerge_adapter() first")
     previous = [layer._mixed_names for layer in layers]
+    handles = [w.register_forward_pre_hook(_peft_names_hook(names), with_kwargs=True) for w in _peft_wrappers(model)]
     try:
         for layer in layers:
             layer._mixed_names = names
@@ -325,6 +357,30 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]]):
     finally:
         for layer, p in zip(layers, previous):
             layer._mixed_names = p
+        for h in handles:
+            h.remove()
+
+
+def _peft_wrappers(model: nn.Module) -> list:
+    """PEFT's own ModulesToSaveWrapper modules (fastpeft.optimize keeps them, see docs/optimize.md)."""
+    import sys
+
+    other = sys.modules.get("peft.utils.other")  # none can exist unless peft was imported
+    cls = getattr(other, "AuxiliaryTrainingWrapper", None)
+    return [] if cls is None else [m for m in model.modules() if isinstance(m, cls)]
+
+
+def _peft_names_hook(names: tuple):
+    """Forward pre-hook giving a PEFT wrapper PEFT's ``adapter_names`` argument, one name per
+    row of its input (repeated when generation repeated the rows, as for beam search)."""
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        k = max(1, x.shape[0] // len(names))
+        kwargs["adapter_names"] = [n for n in names for _ in range(k)]
+        return args, kwargs
+
+    return hook
 
 
 # ----- merging ----------------------------------------------------------------------------------

@@ -32,13 +32,106 @@ class AdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
+        self._init_adapter_state()
+
+    def _init_adapter_state(self) -> None:
         self._adapters: list[str] = []  # slot order
         self._active: list[str] = []
-        self.disable_adapters = False
+        self._disabled = False
         self.merged_adapters: list[str] = []
-        self._mixed_names: Optional[tuple] = None
-        self._dirty = True
+        self._mixed: Optional[tuple] = None
+        self._stale = True
         self._slots_cache: dict = {}
+        # Slot tensors kept current by every state change (set_adapter, mixed_batch, add, delete,
+        # move), so a forward only reads them: under torch.compile they are graph inputs, and
+        # switching between loaded adapters re-uses the compiled graph.
+        self._active_slots: Optional[Tensor] = None  # [1, J] int32, -1 where this layer has none
+        self._row_slots: Optional[Tensor] = None  # [len(mixed names)] int32 while in a mixed batch
+        self._row_buf: Optional[Tensor] = None  # the memory _row_slots lives in
+        self._row_slots_cache: dict = {}  # names tuple -> row slots
+        self._fast = None  # eager fast-path plan of the subclass (None: rebuild on next forward)
+        self._fast_mixed: dict = {}  # the same for mixed batches, per names tuple
+
+    # Flags whose change must drop the eager fast-path plan.
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disabled
+
+    @disable_adapters.setter
+    def disable_adapters(self, value: bool) -> None:
+        self._disabled = bool(value)
+        self._invalidate()
+
+    @property
+    def _dirty(self) -> bool:
+        """True when the packed stacks must be rebuilt before the next fused forward."""
+        return self._stale
+
+    @_dirty.setter
+    def _dirty(self, value: bool) -> None:
+        self._stale = bool(value)
+        if value:
+            self._fast = None
+            self._fast_mixed = {}
+
+    @property
+    def _mixed_names(self) -> Optional[tuple]:
+        """Adapter name per batch row while in a mixed batch (``mixed_batch``), else None."""
+        return self._mixed
+
+    @_mixed_names.setter
+    def _mixed_names(self, names) -> None:
+        # entering / leaving a mixed batch only swaps the row-slot tensor (cached per names);
+        # the fast-path plans stay (one for the active adapters, one per mixed names tuple)
+        names = None if names is None else tuple(names)
+        self._mixed = names
+        if names is None:
+            self._row_slots = None
+        else:
+            rs = self._row_slots_cache.get(names)
+            if rs is None:
+                rs = torch.tensor([self.slot_of(n) for n in names], dtype=torch.int32, device=self._slot_device())
+                if len(self._row_slots_cache) > 64:
+                    self._row_slots_cache.clear()
+                self._row_slots_cache[names] = rs
+            buf = self._row_buf  # a stable buffer per length (CUDA graphs, see _refresh_slots)
+            if buf is not None and buf.shape == rs.shape and buf.device == rs.device and not buf.is_inference():
+                buf.copy_(rs)
+            else:
+                buf = self._row_buf = rs.clone()
+            self._row_slots = buf
+        self._slots_cache.clear()
+
+    def _invalidate(self) -> None:
+        self._fast = None
+        self._fast_mixed = {}
+        self._slots_cache.clear()
+
+    def _slot_device(self) -> torch.device:
+        w = getattr(self.get_base_layer(), "weight", None)
+        if isinstance(w, Tensor):
+            return w.device
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def _refresh_slots(self) -> None:
+        """Recompute ``_active_slots`` / ``_row_slots`` from the names (cheap; no packing)."""
+        device = self._slot_device()
+        # one column per active name (-1 where this layer does not hold it; [[-1]] when none is
+        # active): the shape depends only on how many adapters are active, so compiled graphs
+        # and CUDA graphs survive set_adapter between sets of the same size. Updated in place
+        # when the shape allows (a captured CUDA graph reads the same memory).
+        slots = [self.slot_of(a) for a in self._active] or [-1]
+        new = torch.tensor([slots], dtype=torch.int32, device=device)
+        old = self._active_slots
+        if old is not None and old.shape == new.shape and old.device == new.device and not old.is_inference():
+            old.copy_(new)
+        else:
+            self._active_slots = new
+        self._row_slots_cache.clear()
+        self._invalidate()
+        self._mixed_names = self._mixed  # recompute the row slots (slot order may have changed)
 
     # PEFT's tuner layers expose the base layer's weight and bias (model code reads them,
     # e.g. T5 checks ``self.wo.weight.dtype``)
@@ -83,12 +176,13 @@ class AdapterLayer(nn.Module):
         if isinstance(names, str):
             names = [names]
         self._active = list(names)
+        active = set(self._active)
         for name in self._adapters:
-            trainable = name in self._active
+            trainable = name in active
             for p in self._params_of(name):
-                if p.is_floating_point() and not self._frozen_param(name, p):
+                if p.requires_grad != trainable and p.is_floating_point() and not self._frozen_param(name, p):
                     p.requires_grad_(trainable)
-        self._slots_cache.clear()
+        self._refresh_slots()
 
     def _frozen_param(self, name: str, p: Tensor) -> bool:
         return False
@@ -102,7 +196,12 @@ class AdapterLayer(nn.Module):
             d = getattr(self, attr)
             if name in d:
                 v = d[name]
-                out.extend(v.parameters() if isinstance(v, nn.Module) else [v])
+                if not isinstance(v, nn.Module):
+                    out.append(v)
+                elif not v._modules:  # a leaf (nn.Linear, DoRA magnitude): skip the generic walk
+                    out.extend(p for p in v._parameters.values() if p is not None)
+                else:
+                    out.extend(v.parameters())
         return out
 
     def delete_adapter(self, name: str) -> None:
@@ -118,7 +217,7 @@ class AdapterLayer(nn.Module):
         self._adapters.remove(name)
         self._active = [a for a in self._active if a != name]
         self._dirty = True
-        self._slots_cache.clear()
+        self._refresh_slots()
 
     def _remove(self, name: str) -> None:
         """Subclass hook: drop per-adapter Python state (scaling, flags)."""
@@ -128,51 +227,72 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"adapter {name!r} already exists in {type(self).__name__}")
         self._adapters.append(name)
         self._dirty = True
-        self._slots_cache.clear()
+        self._refresh_slots()
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .half() / .cuda() replace parameter storage: the packed stacks must be rebuilt
         self._dirty = True
-        self._slots_cache.clear()
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh_slots()  # the slot tensors follow the base weight's device
+        return out
 
     def train(self, mode: bool = True):
         self._dirty = True
         return super().train(mode)
 
     # ----- token_slots ----------------------------------------------------------------------
-    def token_slots(self, rows: int, batch: int, device) -> Optional[Tensor]:
-        """[1, J] for the active adapters, or [rows, 1] for a mixed batch; None if no adapter applies.
-
-        ``batch`` is the size of the input's first dimension; a mixed batch has one name per
-        batch row, repeated over the ``rows // batch`` positions of that row.
-        """
-        names = self._mixed_names
-        if names is None:
-            key = ("active", device)
-            ts = self._slots_cache.get(key)
-            if ts is None:
-                slots = [self.slot_of(a) for a in self.active_adapters]
-                ts = torch.tensor([slots], dtype=torch.int32, device=device) if slots else None
-                self._slots_cache[key] = ts
-            return ts
-        if len(names) != batch:
+    def _rows_per_name(self, batch: int, n: Optional[int] = None) -> int:
+        """Batch rows per mixed-batch name: 1, or k when generation repeated each row k times
+        (beam search, ``num_return_sequences``: Transformers repeats rows consecutively).
+        ``n``: the number of names (default: ``len(self._mixed)``)."""
+        if n is None:
+            n = len(self._mixed)
+        if n == batch:
+            return 1
+        if n == 0 or batch % n:
             raise ValueError(
-                f"mixed batch: got {len(names)} adapter names for a batch of {batch} rows in "
+                f"mixed batch: got {n} adapter names for a batch of {batch} rows in "
                 f"{type(self).__name__}; pass one name per batch row"
             )
-        key = ("mixed", names, rows, device)
-        ts = self._slots_cache.get(key)
-        if ts is None:
-            per_row = torch.tensor([self.slot_of(n) for n in names], dtype=torch.int32)
-            ts = per_row.repeat_interleave(rows // batch).unsqueeze(1).to(device)
+        return batch // n
+
+    def _row_names(self, batch: int) -> tuple:
+        """The mixed batch's adapter name of each of the ``batch`` rows (validated, expanded)."""
+        k = self._rows_per_name(batch)
+        names = self._mixed
+        return names if k == 1 else tuple(n for n in names for _ in range(k))
+
+    def token_slots(self, rows: int, batch: int, device=None) -> Optional[Tensor]:
+        """[1, J] for the active adapters (-1 where this layer does not hold one), or [rows, 1]
+        for a mixed batch.
+
+        ``batch`` is the size of the input's first dimension; a mixed batch has one name per
+        batch row (or per group of ``batch // len(names)`` consecutive rows, as generation with
+        beams repeats them), repeated over the ``rows // batch`` positions of that row. The
+        result is built from the slot tensors kept by every state change; no Python list is
+        turned into a tensor here, so the call traces under ``torch.compile``.
+        """
+        rs = self._row_slots
+        if rs is None:
+            return self._active_slots
+        k = self._rows_per_name(batch, rs.shape[0])  # a shape, not the names: no guard on them
+        compiling = torch.compiler.is_compiling()
+        key = (rows, batch)
+        if not compiling:
+            ts = self._slots_cache.get(key)
+            if ts is not None:
+                return ts
+        per_row = rs if k == 1 else rs.repeat_interleave(k)
+        per = rows // batch if batch else 1
+        ts = (per_row if per == 1 else per_row.repeat_interleave(per)).unsqueeze(1)
+        if not compiling:
             if len(self._slots_cache) > 64:
                 self._slots_cache.clear()
             self._slots_cache[key] = ts
         return ts
 
     def uses_mixed_batch(self) -> bool:
-        return self._mixed_names is not None
+        return self._mixed is not None
 
 
 def find_adapter_layers(model: nn.Module):

@@ -47,10 +47,10 @@ class IA3Linear(AdapterLayer):
 
     def _row_scales(self, x: Tensor, mixed) -> Tensor:
         """[batch, 1.., D] per-row scales for a mixed batch (1 for rows without an adapter)."""
-        self.token_slots(1, x.shape[0], x.device)  # validates the batch length
+        row_names = self._row_names(x.shape[0])  # validated, expanded for beams
         d = self.in_features if self.is_feedforward else self.out_features
         ones = torch.ones(d, dtype=next(iter(self.ia3_l.values())).dtype, device=x.device)
-        rows = [self.ia3_l[n].flatten() if n in self.ia3_l else ones for n in mixed]
+        rows = [self.ia3_l[n].flatten() if n in self.ia3_l else ones for n in row_names]
         return torch.stack(rows)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:

@@ -30,9 +30,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import _schema  # noqa: F401  (defines torch.ops.fastpeft.*)
+from ..ops import backends as _backends
 from ..ops.reference import dora_weight_norm
 from ._base_kinds import base_kind, fused_forward_ok, in_out_features, weight_nk
 from .base import AdapterLayer
+
+_is_compiling = torch.compiler.is_compiling
+
+
+def _dynamic_slots_and_rank(a: Tensor, bt: Tensor, scales: Tensor) -> None:
+    """Tell torch.compile that the slot count and the padded rank of the stacks vary (adding or
+    deleting an adapter repacks them): compiled graphs take them as symbolic sizes instead of
+    recompiling for each new size."""
+    import torch._dynamo
+
+    for t in (a, bt):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(t, 1)
+    torch._dynamo.maybe_mark_dynamic(scales, 0)
 
 
 class DoraMagnitude(nn.Module):
@@ -51,6 +66,9 @@ class LoraLinear(AdapterLayer):
     """LoRA/DoRA adapters on a linear-like base (nn.Linear, Conv1D, bitsandbytes 4/8-bit)."""
 
     adapter_param_dicts = ("lora_A", "lora_B", "lora_magnitude_vector")
+    _active_need_composite = False  # flags kept by _refresh_slots for the compiled path
+    _all_need_composite = False
+    _any_dora = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -174,20 +192,25 @@ class LoraLinear(AdapterLayer):
         R = max(a.shape[0] for a in As)
         a = torch.zeros(len(names), R, K, dtype=dtype, device=device)
         bt = torch.zeros(len(names), R, N, dtype=dtype, device=device)
-        ptrs = {}
+        ptrs, copies = {}, {}
         with torch.no_grad():
             for s, (n, A, B) in enumerate(zip(names, As, Bs)):
                 r = A.shape[0]
                 a[s, :r].copy_(A)
                 bt[s, :r].copy_(B.t())
-                if self._aliasable(n) and A.dtype == dtype and A.device == device and B.device == device:
+                if self._aliasable(n) and A.dtype == dtype and B.dtype == dtype and A.device == device and B.device == device:
                     self.lora_A[n].weight.data = a[s, :r]
                     self.lora_B[n].weight.data = bt[s, :r].t()
                     ptrs[n] = (self.lora_A[n].weight.data_ptr(), self.lora_B[n].weight.data_ptr())
+                elif self._aliasable(n):  # a copy in the stacks: watch the parameters' versions
+                    A0, B0 = self.lora_A[n].weight, self.lora_B[n].weight
+                    copies[n] = (A0.data_ptr(), B0.data_ptr(), A0._version, B0._version)
         scales = torch.tensor([self._scale(n) for n in names], dtype=torch.float32, device=device)
-        self._packed = dict(a=a, bt=bt, scales=scales, ptrs=ptrs, versions=self._versions())
+        _dynamic_slots_and_rank(a, bt, scales)
+        self._packed = dict(a=a, bt=bt, scales=scales, ptrs=ptrs, copies=copies, versions=self._versions())
         self._dora_cache.clear()
         self._dirty = False
+        self._invalidate()
 
     def _aliasable(self, name: str) -> bool:
         return True
@@ -198,16 +221,25 @@ class LoraLinear(AdapterLayer):
     def _pack_stale(self, names) -> bool:
         if self._dirty or not self._packed:
             return True
-        ptrs = self._packed["ptrs"]
+        ptrs, copies = self._packed["ptrs"], self._packed["copies"]
         for n in names:
+            A, B = self.lora_A[n].weight, self.lora_B[n].weight
             p = ptrs.get(n)
-            if p is None:
-                return True
-            if p[0] != self.lora_A[n].weight.data_ptr() or p[1] != self.lora_B[n].weight.data_ptr():
+            if p is not None:
+                if p[0] != A.data_ptr() or p[1] != B.data_ptr():
+                    return True
+                continue
+            c = copies.get(n)
+            if c is None or c != (A.data_ptr(), B.data_ptr(), A._version, B._version):
                 return True
         return False
 
-    def _ensure_packed(self, names) -> dict:
+    def _ensure_packed(self, names) -> Optional[dict]:
+        """The packed stacks, rebuilt first if stale. Under torch.compile nothing is checked
+        or rebuilt (storage pointers cannot be traced): None when the stacks are marked stale,
+        and the caller runs the unfused path. Eager forwards (or fastpeft.optimize) pack."""
+        if _is_compiling():
+            return None if (self._dirty or not self._packed) else self._packed
         if self._pack_stale(names):
             self._pack()
         return self._packed
@@ -216,6 +248,9 @@ class LoraLinear(AdapterLayer):
         """[S, N] magnitude / ||W + s B A|| (1 for non-DoRA slots), cached per weight change."""
         if not self._has_dora():
             return None
+        if _is_compiling():  # no pointers while tracing: the scale cached by an eager forward
+            cached = self._dora_cache.get("scale")
+            return False if cached is None else cached[1]
         W = self.base_layer.weight
         key_parts = [W.data_ptr(), W._version]
         for n in self._adapters:
@@ -255,9 +290,37 @@ class LoraLinear(AdapterLayer):
                     return True
         if any(self.lora_bias.get(n) for n in names):
             return True
+        if self._mixed is None and len(names) > 1 and any(self.use_dora.get(n) for n in names):
+            return True  # PEFT applies DoRA on the running result of the adapters before it
         return False
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        # Eager fast path: a plan (the backend's arguments) built by the last fused forward and
+        # dropped by every state change (set_adapter, enable/disable, mixed_batch, add/delete,
+        # merge, .to(), train/eval, repack); parameters replaced behind the layer's back are
+        # caught by their storage pointers (and versions where the stacks hold copies). It calls
+        # the backend that fastpeft.ops.backends resolves directly: the custom_op dispatch costs
+        # ~40 us a call on a 2-core CPU (measured, docs/optimize.md), more than a decode-sized
+        # LoRA product. Under torch.compile the op stays one opaque node (_forward_traced).
+        if _is_compiling():  # first: compiled code must not read (and guard on) the plans
+            return self._forward_traced(x, *args, **kwargs)
+        fast = self._fast if self._row_slots is None else self._fast_mixed.get(self._mixed)
+        if fast is not None and not args and not kwargs:
+            grad_params, ptr_ts, ptrs, ver_ts, vers, K, N, devtype, W, bias, a, bt, scales, ts, dora = fast
+            if (
+                not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in grad_params)))
+                and [t.data_ptr() for t in ptr_ts] == ptrs
+                and [t._version for t in ver_ts] == vers
+            ):
+                x2 = x.reshape(-1, K)
+                if ts is None:  # mixed batch: slots for the rows of this call
+                    ts = self.token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1)
+                y = _backends.resolve("adapter_linear", devtype)(x2, W, bias, a, bt, scales, ts, dora, None, None)
+                return y.view(*x.shape[:-1], N)
+            self._fast, self._fast_mixed = None, {}
+        return self._forward_eager(x, *args, **kwargs)
+
+    def _forward_eager(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -273,19 +336,72 @@ class LoraLinear(AdapterLayer):
             names = [n for n in self.active_adapters if n in self.lora_A]
         if not names:
             if mixed is not None:
-                self.token_slots(1, x.shape[0], x.device)  # validates the batch length
+                self._rows_per_name(x.shape[0])  # validates the batch length
             return self.base_layer(x, *args, **kwargs)
         if args or kwargs or self._needs_composite(names):
             return self._forward_composite(x, names, *args, **kwargs)
         return self._forward_fused(x, names)
 
+    def _refresh_slots(self) -> None:
+        super()._refresh_slots()
+        # what compiled code needs to know about the used adapters, as flags (not names, so
+        # that switching between loaded adapters keeps the guards of a compiled graph true);
+        # mixed batches use the flags over all adapters of the layer
+        act = [n for n in self.active_adapters if n in self.lora_A]
+        self._active_need_composite = any(self.lora_bias.get(n) for n in act) or (
+            len(act) > 1 and any(self.use_dora.get(n) for n in act)
+        )
+        self._all_need_composite = any(self.lora_bias.get(n) for n in self._adapters)
+        self._any_dora = any(self.use_dora.get(n) for n in self._adapters)
+
+    def _forward_traced(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The forward as torch.compile traces it: reads the slot tensors, the stacks and flags
+        kept current by eager state changes, never the adapter names (no recompilation on
+        set_adapter / mixed_batch between loaded adapters) and never storage pointers. Falls
+        back to the generic path (traceable, guarded on names) for the rare cases: disabled
+        or merged adapters, stale stacks, gradients, dropout, lora_bias."""
+        if (
+            args or kwargs or self.disable_adapters or self.merged_adapters or self._dirty or not self._packed
+            or self.kind == "quant" or not fused_forward_ok(self.base_layer)
+            or (self._active_need_composite if self._row_slots is None else self._all_need_composite)
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in self._adapter_params()))
+            or (self.training and any(isinstance(d, nn.Dropout) and d.p > 0 for d in self.lora_dropout.values()))
+        ):
+            return self._forward_eager(x, *args, **kwargs)
+        K, N = self.in_features, self.out_features
+        x2 = x.reshape(-1, K)
+        ts = self.token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1)
+        if ts is None:
+            return self.base_layer(x)
+        dora = None
+        if self._any_dora:  # any DoRA slot in the layer (1 for the others): stable across switches
+            cached = self._dora_cache.get("scale")
+            if cached is None:
+                return self._forward_eager(x)
+            dora = cached[1]
+        packed = self._packed
+        W = self.base_layer.weight
+        W = W.t() if self.kind == "conv1d" else W
+        y = torch.ops.fastpeft.adapter_linear(x2, W, self.base_layer.bias, packed["a"], packed["bt"],
+                                              packed["scales"], ts, dora, None, None)
+        return y.reshape(*x.shape[:-1], N)
+
+    def _adapter_params(self) -> list:
+        return [p for n in self._adapters for p in self._params_of(n)]
+
     def _forward_fused(self, x: Tensor, names) -> Tensor:
+        compiling = _is_compiling()
         packed = self._ensure_packed(names)
+        if packed is None:  # under torch.compile with stale stacks: no repacking while tracing
+            return self._forward_composite(x, names)
         K, N = self.in_features, self.out_features
         lead = x.shape[:-1]
         x2 = x.reshape(-1, K)
-        ts = self.token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1, x.device)
+        mixed = self._mixed_names is not None
+        ts = self.token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1)
         dora = self._dora_scale(x.dtype)
+        if dora is False:  # under torch.compile without a cached DoRA scale
+            return self._forward_composite(x, names)
         args = (packed["a"], packed["bt"], packed["scales"], ts, dora, None, None)
         if self.kind == "quant":
             from ..quant.layers import quantized_adapter_linear
@@ -295,7 +411,40 @@ class LoraLinear(AdapterLayer):
             W = self.base_layer.weight
             W = W.t() if self.kind == "conv1d" else W
             y = torch.ops.fastpeft.adapter_linear(x2, W, self.base_layer.bias, *args)
+            if not compiling:
+                if not mixed:
+                    self._fast = self._fast_plan(names, W, packed, ts, dora, x2.device.type)
+                else:
+                    if len(self._fast_mixed) > 16:
+                        self._fast_mixed.clear()
+                    self._fast_mixed[self._mixed] = self._fast_plan(names, W, packed, None, dora, x2.device.type)
         return y.reshape(*lead, N)
+
+    def _fast_plan(self, names, W, packed, ts, dora, devtype) -> tuple:
+        """Arguments of the eager fast path, and the tensors it checks before re-using them."""
+        base = self.base_layer
+        grad_params = [p for n in names for p in self._params_of(n)]
+        ptr_ts = [base.weight] + ([base.bias] if base.bias is not None else [])
+        ver_ts = []
+        aliased = packed["ptrs"]
+        for n in names:
+            if isinstance(self, AdaLoraLinear):  # the stacks hold A * E: any change means repack
+                ps = [self.lora_A[n], self.lora_B[n], self.lora_E[n], self.ranknum[n]]
+                ptr_ts += ps
+                ver_ts += ps
+                continue
+            A, B = self.lora_A[n].weight, self.lora_B[n].weight
+            ptr_ts += [A, B]  # views of the stacks: in-place updates are seen, swaps are not
+            if n not in aliased:  # copies (dtype or device differ from the stacks'): any change
+                ver_ts += [A, B]
+        if dora is not None:  # the DoRA scale depends on W, the adapters and the magnitudes
+            ver_ts += [base.weight, packed["a"], packed["bt"]]
+            ver_ts += [self.lora_magnitude_vector[n].weight for n in self._adapters if self.use_dora.get(n)]
+        return (
+            grad_params, ptr_ts, [t.data_ptr() for t in ptr_ts], ver_ts, [t._version for t in ver_ts],
+            self.in_features, self.out_features, devtype, W, base.bias,
+            packed["a"], packed["bt"], packed["scales"], ts, dora,
+        )
 
     def _lora_out(self, name: str, x: Tensor) -> Tensor:
         """PEFT's ``lora_B(lora_A(dropout(x)))`` for one adapter (AdaLoRA overrides)."""
@@ -307,9 +456,9 @@ class LoraLinear(AdapterLayer):
         out_dtype = result.dtype
         mixed = self._mixed_names
         if mixed is not None:
-            self.token_slots(1, x.shape[0], x.device)  # validates the batch length
+            row_names = self._row_names(x.shape[0])  # validated, expanded for beams
             for n in names:
-                rows = [i for i, m in enumerate(mixed) if m == n]
+                rows = [i for i, m in enumerate(row_names) if m == n]
                 sub = x[rows]
                 result[rows] = (result[rows] + self._adapter_delta(n, sub, result[rows])).to(out_dtype)
             return result
@@ -362,9 +511,11 @@ class LoraLinear(AdapterLayer):
                 with torch.no_grad():
                     self.base_layer.bias += self.lora_B[n].bias * self._scale(n)
             self.merged_adapters.append(n)
+        self._invalidate()
 
     def unmerge(self) -> None:
         """Undo :meth:`merge` (in reverse order)."""
+        self._invalidate()
         while self.merged_adapters:
             n = self.merged_adapters.pop()
             W = weight_nk(self.base_layer)
@@ -548,10 +699,13 @@ class LoraEmbedding(AdapterLayer):
                     self.lora_embedding_B[n].data = bt[s, :r].t()
                     ptrs[n] = (self.lora_embedding_A[n].data_ptr(), self.lora_embedding_B[n].data_ptr())
         scales = torch.tensor([self.scaling[n] for n in names], dtype=torch.float32, device=device)
+        _dynamic_slots_and_rank(a, bt, scales)
         self._packed = dict(a=a, bt=bt, scales=scales, ptrs=ptrs)
         self._dirty = False
 
     def _ensure_packed(self, names):
+        if _is_compiling():  # no pointer checks while tracing (see LoraLinear._ensure_packed)
+            return None if (self._dirty or not self._packed) else self._packed
         stale = self._dirty or not self._packed
         if not stale:
             ptrs = self._packed["ptrs"]
@@ -569,6 +723,18 @@ class LoraEmbedding(AdapterLayer):
         return F.embedding(ids, weight, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if _is_compiling() and not (
+            args or kwargs or self.disable_adapters or self.merged_adapters or self._dirty or not self._packed
+            or not fused_forward_ok(self.base_layer) or self.base_layer.max_norm is not None
+            or (torch.is_grad_enabled() and any(p.requires_grad for n in self._adapters for p in self._params_of(n)))
+        ):
+            # compiled: slot tensors and stacks only, no names (see LoraLinear._forward_traced)
+            ids = x.reshape(-1)
+            ts = self.token_slots(ids.shape[0], x.shape[0] if x.dim() > 0 else 1)
+            packed = self._packed
+            y = torch.ops.fastpeft.adapter_embedding(ids, self.base_layer.weight, packed["a"], packed["bt"],
+                                                     packed["scales"], ts)
+            return y.reshape(*x.shape, self.embedding_dim)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -585,12 +751,14 @@ class LoraEmbedding(AdapterLayer):
         batch = x.shape[0] if x.dim() > 0 else 1
         if not names:
             if mixed is not None:
-                self.token_slots(1, batch, x.device)
+                self._rows_per_name(batch)  # validates the batch length
             return self.base_layer(x, *args, **kwargs)
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for n in names for p in self._params_of(n))
         if args or kwargs or needs_grad or not fused_forward_ok(self.base_layer) or self.base_layer.max_norm is not None:
             return self._forward_composite(x, names, *args, **kwargs)
         packed = self._ensure_packed(names)
+        if packed is None:
+            return self._forward_composite(x, names)
         ids = x.reshape(-1)
         ts = self.token_slots(ids.shape[0], batch, x.device)
         y = torch.ops.fastpeft.adapter_embedding(ids, self.base_layer.weight, packed["a"], packed["bt"], packed["scales"], ts)
@@ -601,9 +769,9 @@ class LoraEmbedding(AdapterLayer):
         out_dtype = result.dtype
         mixed = self._mixed_names
         if mixed is not None:
-            self.token_slots(1, x.shape[0], x.device)
+            row_names = self._row_names(x.shape[0])  # validated, expanded for beams
             for n in names:
-                rows = [i for i, m in enumerate(mixed) if m == n]
+                rows = [i for i, m in enumerate(row_names) if m == n]
                 after_a = self._embed(x[rows], self.lora_embedding_A[n].T)
                 result[rows] = result[rows] + (after_a @ self.lora_embedding_B[n].T) * self.scaling[n]
             return result

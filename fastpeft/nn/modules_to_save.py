@@ -21,12 +21,7 @@ class ModulesToSaveWrapper(AdapterLayer):
         nn.Module.__init__(self)
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
-        self._adapters, self._active = [], []
-        self.disable_adapters = False
-        self.merged_adapters = []
-        self._mixed_names = None
-        self._dirty = True
-        self._slots_cache = {}
+        self._init_adapter_state()
 
     @property
     def base_layer(self):  # noqa: D401 - PEFT compatibility
@@ -50,12 +45,12 @@ class ModulesToSaveWrapper(AdapterLayer):
         if self.disable_adapters:
             return self.original_module(x, *args, **kwargs)
         if mixed is not None:
-            self.token_slots(1, x.shape[0], x.device)
+            row_names = self._row_names(x.shape[0])  # validated, expanded for beams
             result = self.original_module(x, *args, **kwargs)
             for n in dict.fromkeys(mixed):
                 if n not in self.modules_to_save:
                     continue
-                rows = [i for i, m in enumerate(mixed) if m == n]
+                rows = [i for i, m in enumerate(row_names) if m == n]
                 result[rows] = self.modules_to_save[n](x[rows], *args, **kwargs).to(result.dtype)
             return result
         act = [a for a in self.active_adapters if a in self.modules_to_save]

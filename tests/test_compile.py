@@ -1,0 +1,167 @@
+"""torch.compile(fullgraph=True) of adapted Transformers models: same outputs as eager, and no
+recompilation when switching between loaded adapters or mixed-batch names (the slot tensors and
+stacks are graph inputs, not constants). CUDA graphs of decode steps when a GPU is present."""
+import copy
+import warnings
+
+import peft
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import fastpeft
+from models import logits, randomize_adapters, tiny
+
+ATOL = 1e-5
+
+
+def _fastpeft_llama(seed=0):
+    base, inputs = tiny("llama", seed=seed)
+    fm = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj",
+                                                                                            "embed_tokens"]))
+    fm.add_adapter("b", fastpeft.LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "o_proj", "gate_proj"]))
+    fm.add_adapter("d", fastpeft.LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["v_proj", "up_proj"]))
+    randomize_adapters(fm, seed=7)
+    fm.eval()
+    return fm, inputs
+
+
+def _eager(model, kw):
+    return logits(model, kw)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_fullgraph_same_outputs_no_recompile_on_switch():
+    fm, inputs = _fastpeft_llama()
+    model = fm.get_base_model()
+    fastpeft.optimize.prepare(model)  # pack the stacks: a compiled forward cannot repack them
+    kw = inputs(batch=3, seq=5)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**kw).logits, _eager(model, kw), atol=ATOL, rtol=1e-5)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs == 1
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name in ("b", "d", "default", "b"):  # one adapter each: same graph
+                fm.set_adapter(name)
+                torch.testing.assert_close(compiled(**kw).logits, _eager(model, kw), atol=ATOL, rtol=1e-5)
+        # a mixed batch is another graph (slots per row), then any names of that length reuse it
+        with fastpeft.mixed_batch(fm, ["b", "__base__", "default"]):
+            torch.testing.assert_close(compiled(**kw).logits, _eager(model, kw), atol=ATOL, rtol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for names in (["d", "b", "b"], ["default", "d", "__base__"]):
+                with fastpeft.mixed_batch(fm, names):
+                    got = compiled(**kw).logits
+                    exp = _eager(model, kw)
+                torch.testing.assert_close(got, exp, atol=ATOL, rtol=1e-5)
+                for i, n in enumerate(names):  # and each row is that adapter alone
+                    one = {k: v[i:i + 1] for k, v in kw.items()}
+                    if n == "__base__":
+                        with fm.disable_adapter():
+                            ref = _eager(model, one)
+                    else:
+                        fm.set_adapter(n)
+                        ref = _eager(model, one)
+                    torch.testing.assert_close(got[i:i + 1], ref, atol=ATOL, rtol=1e-5)
+            fm.set_adapter("default")
+            torch.testing.assert_close(compiled(**kw).logits, _eager(model, kw), atol=ATOL, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_fullgraph_after_optimize_of_a_peft_model():
+    base, inputs = tiny("llama")
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    pm.add_adapter("other", peft.LoraConfig(r=6, lora_alpha=3, target_modules=["q_proj", "up_proj"]))
+    randomize_adapters(pm, seed=5)
+    pm.eval()
+    kw = inputs(batch=2, seq=6)
+    expected = {}
+    for n in ("default", "other"):
+        pm.set_adapter(n)
+        expected[n] = logits(pm, kw)
+    fastpeft.optimize(pm)
+    model = pm.get_base_model()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for n in ("default", "other", "default"):
+            pm.set_adapter(n)
+            torch.testing.assert_close(compiled(**kw).logits, expected[n], atol=ATOL, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_inductor_matches_eager():
+    """The default backend (Inductor, C++ codegen on the CPU): one graph, mixed batch included."""
+    fm, inputs = _fastpeft_llama(seed=1)
+    model = fm.get_base_model()
+    fastpeft.optimize.prepare(model)
+    kw = inputs(batch=2, seq=4)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad(), fastpeft.mixed_batch(fm, ["d", "b"]):
+        got = compiled(**kw).logits
+        exp = _eager(model, kw)
+        torch.testing.assert_close(got, exp, atol=1e-4, rtol=1e-4)
+        with torch._dynamo.config.patch(error_on_recompile=True), fastpeft.mixed_batch(fm, ["b", "default"]):
+            torch.testing.assert_close(compiled(**kw).logits, _eager(model, kw), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_path_with_stale_stacks_still_correct():
+    """Compiling before any forward (stacks not packed yet): the unfused path is traced."""
+    fm, inputs = _fastpeft_llama(seed=2)
+    model = fm.get_base_model()
+    kw = inputs(batch=2, seq=3)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**kw).logits, _eager(model, kw), atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_step_follows_set_adapter_and_mixed_batch():
+    """A decode step (one token per row, static KV cache) captured once into a CUDA graph is
+    replayed after set_adapter / a new mixed batch of the same size: the slot tensors are
+    updated in place, so the captured kernels read the new slots."""
+    from transformers import StaticCache
+
+    fm, inputs = _fastpeft_llama(seed=3)
+    model = fm.get_base_model().cuda()
+    fastpeft.optimize.prepare(model)
+    B = 3
+    ids = inputs(batch=B, seq=4)["input_ids"].cuda()
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        step = torch.randint(3, 90, (B, 1), device="cuda")
+        pos = torch.tensor([4], device="cuda")
+        static_out = None
+
+        def decode():
+            return model(input_ids=step, past_key_values=cache, cache_position=pos, use_cache=True).logits
+
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                decode()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = decode()
+        for name in ("b", "default"):
+            fm.set_adapter(name)
+            graph.replay()
+            torch.testing.assert_close(static_out, decode(), atol=1e-4, rtol=1e-4)
+        with fastpeft.mixed_batch(fm, ["b", "d", "__base__"]):
+            g2 = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g2):
+                out2 = decode()
+        for names in (["d", "default", "b"], ["__base__", "b", "d"]):
+            with fastpeft.mixed_batch(fm, names):
+                g2.replay()
+                torch.testing.assert_close(out2, decode(), atol=1e-4, rtol=1e-4)
