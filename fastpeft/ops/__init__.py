@@ -59,3 +59,14 @@ __all__ = [
     "get_backend",
     "set_backend",
 ]
+
+# Quantized bases (fastpeft/quant): PyTorch references, then the Triton kernels, guarded like the others.
+register("adapter_linear_4bit", "torch", reference.adapter_linear_4bit)
+register("adapter_linear_8bit", "torch", reference.adapter_linear_8bit)
+try:
+    importlib.import_module(f"{__name__}.triton_quant")
+except Exception as e:  # noqa: BLE001 - an optional backend never breaks the import
+    from .backends import mark_unavailable
+
+    mark_unavailable("triton", f"triton_quant import failed: {type(e).__name__}: {e}")
+    log.info("fastpeft quantized triton kernels unavailable: %s", e)

@@ -133,3 +133,127 @@ def _make_autograd(op, ref, n_args):
 
 _make_autograd(adapter_linear, reference.adapter_linear, len(_LINEAR_ARGS))
 _make_autograd(adapter_embedding, reference.adapter_embedding, 6)
+
+
+# ---- quantized bases: bitsandbytes 4-bit (NF4/FP4) and 8-bit (LLM.int8) weights ---------------
+# Same contract as adapter_linear with ``weight`` = the dequantized base weight (see
+# fastpeft/quant/formats.py for the storage and docs/quantization.md for the kernels).
+
+_Q4_ARGS = (
+    "x", "qweight", "absmax", "code", "nested_absmax", "nested_code", "nested_offset",
+    "out_features", "blocksize", "nested_blocksize", "compute_dtype",
+) + _LINEAR_ARGS[2:]
+_Q8_ARGS = ("x", "qweight", "row_scale") + _LINEAR_ARGS[2:]
+
+
+@torch.library.custom_op(f"{LIB}::adapter_linear_4bit", mutates_args=())
+def adapter_linear_4bit(
+    x: Tensor,
+    qweight: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    nested_offset: Optional[Tensor],
+    out_features: int,
+    blocksize: int,
+    nested_blocksize: int,
+    compute_dtype: Optional[torch.dtype],
+    bias: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    slot_scales: Optional[Tensor],
+    token_slots: Optional[Tensor],
+    dora_scale: Optional[Tensor],
+    input_scale: Optional[Tensor],
+    output_scale: Optional[Tensor],
+) -> Tensor:
+    """``adapter_linear(x, W, ...)`` with ``W = dequantize_4bit(...)`` (bitsandbytes NF4/FP4).
+
+    qweight       [(N*K+1)//2, 1] uint8 (or any dtype viewed as bytes): two 4-bit codes per
+                  byte, element n*K+k, high nibble first
+    absmax        [ceil(N*K/blocksize)] float32, or uint8 when nested
+    code          [16] float32 lookup table (NF4 or FP4)
+    nested_absmax [ceil(n_blocks/nested_blocksize)] float32 | None; nested_code [256] float32;
+    nested_offset [] float32:  absmax = nested_code[absmax_q] * nested_absmax[b // 256] + offset
+    out_features  N;  compute_dtype: dtype of W and of the base product (None: x.dtype);
+                  ``y = linear(xs.to(cd), W, bias).to(x.dtype)`` + adapters as adapter_linear.
+    Returns [M, N] in x.dtype.
+    """
+    fn = backends.resolve("adapter_linear_4bit", x.device.type)
+    return fn(x, qweight, absmax, code, nested_absmax, nested_code, nested_offset, out_features, blocksize,
+              nested_blocksize, compute_dtype, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale,
+              input_scale, output_scale)
+
+
+@adapter_linear_4bit.register_fake
+def _(x, qweight, absmax, code, nested_absmax, nested_code, nested_offset, out_features, blocksize,
+      nested_blocksize, compute_dtype, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale,
+      input_scale, output_scale):
+    torch._check(x.dim() == 2, lambda: f"adapter_linear_4bit: x must be [M, K], got {tuple(x.shape)}")
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.custom_op(f"{LIB}::adapter_linear_8bit", mutates_args=())
+def adapter_linear_8bit(
+    x: Tensor,
+    qweight: Tensor,
+    row_scale: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    slot_scales: Optional[Tensor],
+    token_slots: Optional[Tensor],
+    dora_scale: Optional[Tensor],
+    input_scale: Optional[Tensor],
+    output_scale: Optional[Tensor],
+) -> Tensor:
+    """``adapter_linear(x, W, ...)`` with ``W = (qweight * row_scale[:, None] / 127).to(x.dtype)``.
+
+    qweight [N, K] int8 (LLM.int8 ``CB``), row_scale [N] float32 (``SCB``). The base product
+    runs in x's dtype (weight-only dequantization, as bitsandbytes' ``MatMul8bitFp``; its int8
+    GPU path also quantizes x). Returns [M, N] in x.dtype.
+    """
+    fn = backends.resolve("adapter_linear_8bit", x.device.type)
+    return fn(x, qweight, row_scale, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale)
+
+
+@adapter_linear_8bit.register_fake
+def _(x, qweight, row_scale, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale):
+    torch._check(x.dim() == 2, lambda: f"adapter_linear_8bit: x must be [M, K], got {tuple(x.shape)}")
+    torch._check(qweight.dim() == 2, lambda: "adapter_linear_8bit: qweight must be [N, K]")
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+def _make_autograd_with_consts(op, ref, n_args):
+    """:func:`_make_autograd` for ops that also take non-tensor arguments (ints, dtypes):
+    those are kept on ``ctx`` and passed back to ``ref`` when the backward recomputes it."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.consts = [None if isinstance(t, Tensor) else t for t in inputs]
+        ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs])
+
+    def backward(ctx, grad):
+        inputs = [c if c is not None else t for c, t in zip(ctx.consts, ctx.saved_tensors)]
+        need = ctx.needs_input_grad
+        leaves = []
+        for i, t in enumerate(inputs):
+            if isinstance(t, Tensor) and need[i] and t.is_floating_point():
+                t = t.detach().requires_grad_(True)
+                inputs[i] = t
+                leaves.append((i, t))
+        grads = [None] * n_args
+        if not leaves:
+            return tuple(grads)
+        with torch.enable_grad():
+            out = ref(*inputs)
+            got = torch.autograd.grad(out, [t for _, t in leaves], grad, allow_unused=True)
+        for (i, _), g in zip(leaves, got):
+            grads[i] = g
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+_make_autograd_with_consts(adapter_linear_4bit, reference.adapter_linear_4bit, len(_Q4_ARGS))
+_make_autograd(adapter_linear_8bit, reference.adapter_linear_8bit, len(_Q8_ARGS))

@@ -149,3 +149,116 @@ def dora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b_t: Tensor, scale: fl
     """
     lora_weight = (lora_b_t.t() @ lora_a).to(weight.dtype)
     return torch.linalg.norm(weight + scale * lora_weight, dim=1).to(weight.dtype)
+
+
+# ---- quantized bases (bitsandbytes formats; fastpeft/quant, docs/quantization.md) ----------
+
+
+def dequantize_4bit_weight(
+    qweight: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    nested_offset: Optional[Tensor],
+    out_features: int,
+    in_features: int,
+    blocksize: int,
+    nested_blocksize: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """bitsandbytes 4-bit storage -> ``W [N, K]`` in ``dtype`` (computed in float32, rounded once).
+
+    Element ``e = n * K + k`` is nibble ``e`` of ``qweight`` (high nibble first) scaled by
+    ``absmax[e // blocksize]``; with double quantization (``nested_absmax`` given)
+    ``absmax[b] = nested_code[absmax_q[b]] * nested_absmax[b // nested_blocksize] + nested_offset``.
+    """
+    n = out_features * in_features
+    b = qweight.reshape(-1)
+    if b.dtype != torch.uint8:
+        b = b.view(torch.uint8)
+    idx = torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:n].long()
+    if nested_absmax is not None:
+        am = nested_code.float()[absmax.reshape(-1).long()]
+        nb = am.numel()
+        pad = nested_absmax.numel() * nested_blocksize - nb
+        am = (F.pad(am, (0, pad)).view(-1, nested_blocksize) * nested_absmax.float().unsqueeze(1)).reshape(-1)[:nb]
+        am = am + nested_offset.float()
+    else:
+        am = absmax.reshape(-1).float()
+    vals = code.float()[idx]
+    pad = am.numel() * blocksize - n
+    w = (F.pad(vals, (0, pad)).view(-1, blocksize) * am.unsqueeze(1)).reshape(-1)[:n]
+    return w.view(out_features, in_features).to(dtype)
+
+
+def dequantize_8bit_weight(qweight: Tensor, row_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """LLM.int8 ``CB [N, K]`` int8 and ``SCB [N]`` -> ``CB * (SCB / 127)`` in ``dtype`` (via float32)."""
+    return (qweight.to(torch.float32) * row_scale.float().unsqueeze(1).mul(1.0 / 127.0)).to(dtype)
+
+
+def _linear_compute_dtype(x, weight, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale):
+    """``adapter_linear`` whose base product runs in ``weight.dtype`` (bitsandbytes' compute dtype).
+
+    Same as :func:`adapter_linear` when ``x.dtype == weight.dtype``. Otherwise, as
+    ``bnb.nn.Linear4bit`` then PEFT do: ``y = linear(xs.to(cd), W, bias.to(cd)).to(x.dtype)``,
+    and the adapters are added from ``xs`` in ``x``'s dtype.
+    """
+    cd = weight.dtype
+    b = None if bias is None else bias.to(cd)
+    if x.dtype == cd:
+        return adapter_linear(x, weight, b, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale)
+    xs = x if input_scale is None else (x * input_scale).to(x.dtype)
+    y = F.linear(xs.to(cd), weight, b).to(x.dtype)
+    y = apply_adapters(y, xs, None if b is None else b.to(x.dtype), lora_a, lora_b, slot_scales, token_slots, dora_scale)
+    if output_scale is not None:
+        y = y * output_scale
+    return y.to(x.dtype)
+
+
+def adapter_linear_4bit(
+    x: Tensor,
+    qweight: Tensor,
+    absmax: Tensor,
+    code: Tensor,
+    nested_absmax: Optional[Tensor],
+    nested_code: Optional[Tensor],
+    nested_offset: Optional[Tensor],
+    out_features: int,
+    blocksize: int,
+    nested_blocksize: int,
+    compute_dtype: Optional[torch.dtype],
+    bias: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    slot_scales: Optional[Tensor],
+    token_slots: Optional[Tensor],
+    dora_scale: Optional[Tensor],
+    input_scale: Optional[Tensor],
+    output_scale: Optional[Tensor],
+) -> Tensor:
+    """Reference for ``torch.ops.fastpeft.adapter_linear_4bit``: dequantize, then ``adapter_linear``."""
+    cd = compute_dtype or x.dtype
+    w = dequantize_4bit_weight(
+        qweight, absmax, code, nested_absmax, nested_code, nested_offset,
+        out_features, x.shape[-1], blocksize, nested_blocksize, cd,
+    )
+    return _linear_compute_dtype(x, w, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale)
+
+
+def adapter_linear_8bit(
+    x: Tensor,
+    qweight: Tensor,
+    row_scale: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Optional[Tensor],
+    lora_b: Optional[Tensor],
+    slot_scales: Optional[Tensor],
+    token_slots: Optional[Tensor],
+    dora_scale: Optional[Tensor],
+    input_scale: Optional[Tensor],
+    output_scale: Optional[Tensor],
+) -> Tensor:
+    """Reference for ``torch.ops.fastpeft.adapter_linear_8bit``: dequantize to x's dtype, then ``adapter_linear``."""
+    w = dequantize_8bit_weight(qweight, row_scale, x.dtype)
+    return _linear_compute_dtype(x, w, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale)
