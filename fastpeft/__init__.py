@@ -13,6 +13,11 @@ from .mixin import AdapterMixin, mixed_batch, with_adapters
 from .ops import BackendUnavailableError, available_backends, get_backend, set_backend
 from .peft_model import PeftModel, get_peft_model
 
+# Bound after their submodules are imported, so ``fastpeft.optimize`` / ``fastpeft.quantize``
+# are the functions, not the modules of the same name (both import only torch at load time).
+from .optimize import optimize  # noqa: E402
+from .quantize import quantize  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -39,14 +44,6 @@ __all__ = [
 
 def __getattr__(name):
     # optional pieces, imported on first use so a missing dependency never breaks `import fastpeft`
-    if name == "optimize":
-        from .optimize import optimize
-
-        return optimize
-    if name == "quantize":
-        from .quantize import quantize
-
-        return quantize
     if name == "nn":
         import importlib
 

@@ -13,6 +13,10 @@ def tiny(arch: str, seed: int = 0):
         cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=96)
         model = tf.LlamaForCausalLM(cfg)
+    elif arch == "llama_q":  # bitsandbytes' CPU kernels need widths that are multiples of its block (64)
+        cfg = tf.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=96)
+        model = tf.LlamaForCausalLM(cfg)
     elif arch == "opt":
         cfg = tf.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
                            word_embed_proj_dim=32, max_position_embeddings=64)

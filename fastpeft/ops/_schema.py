@@ -28,6 +28,12 @@ per row)::
            y += lora                                  (no DoRA)
            y += (g - 1) * (xs @ weight.T) + g * lora  (DoRA, g = dora_scale[s])
     y = y * output_scale            -> [M, N] in x.dtype
+
+Every backend rounds ``slot_scales`` (and ``dora_scale``) to the adapters' dtype before
+multiplying; PEFT multiplies by a Python float. The two agree for fp32 adapters (PEFT's
+default, ``autocast_adapter_dtype=True``) and differ by one rounding of the scale for
+bf16/fp16 adapters. Slots must be < S (the CPU kernels raise; the CUDA kernels treat a slot
+>= S as "no adapter"); the layers only ever pass valid slots.
 """
 from __future__ import annotations
 
