@@ -179,19 +179,6 @@ class _PeftLayerAPI:
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
 
-    def forward(self, x, *args, adapter_names=None, **kwargs):
-        """PEFT's forward: ``adapter_names`` (one per batch row, passed by PEFT's forward hooks
-        for ``model(..., adapter_names=...)`` / ``generate(adapter_names=...)``) runs this call
-        as a fastpeft mixed batch."""
-        if adapter_names is None:
-            return super().forward(x, *args, **kwargs)
-        previous = self._mixed
-        self._mixed_names = ["__base__" if n is None else n for n in adapter_names]
-        try:
-            return super().forward(x, *args, **kwargs)
-        finally:
-            self._mixed_names = previous
-
 
 def _check_lora_config(config, where: str) -> None:
     """Refuse what the fastpeft layers do not compute (with PEFT's meaning) for a new adapter."""

@@ -383,3 +383,84 @@ def test_optimize_is_idempotent_and_noop_without_peft_layers():
     assert [id(m) for m in pm.modules()] == layers
     base, _ = tiny("llama")
     assert fastpeft.optimize(base) is base
+
+
+# ----- generate(adapter_names=...) with mixed batches: greedy and beam search ----------------------
+GEN = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+def _gen_rows_alone(model, kw, names, set_adapter, disable, **gen):
+    """Each row generated alone with its adapter (the meaning of a mixed batch)."""
+    outs = []
+    for i, n in enumerate(names):
+        row = {k: v[i:i + 1] for k, v in kw.items()}
+        if n == "__base__":
+            with disable():
+                outs.append(model.generate(**row, **GEN, **gen))
+        else:
+            set_adapter(n)
+            outs.append(model.generate(**row, **GEN, **gen))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_mixed_batch_matches_peft_and_rows_alone(arch, num_beams, tmp_path):
+    case = "llama-lora-mixed" if arch == "llama" else "t5-lora"
+    pm, pristine, inputs, names, _ = _peft_model(case)
+    names = ["b", "__base__", "default"] if arch == "llama" else ["o", "__base__", "default"]
+    kw = inputs(batch=3, seq=5)
+    kw.pop("decoder_input_ids", None)
+    gen = dict(num_beams=num_beams)
+    with torch.no_grad():
+        expected = pm.generate(**kw, adapter_names=names, **GEN, **gen)  # PEFT's own (names x num_beams)
+        alone = _gen_rows_alone(pm, kw, names, pm.set_adapter, pm.disable_adapter, **gen)
+    torch.testing.assert_close(expected, alone, atol=0, rtol=0)
+    pm.set_adapter(pm.active_adapters[0])
+    pm.save_pretrained(str(tmp_path))
+
+    fastpeft.optimize(pm)
+    with torch.no_grad():
+        torch.testing.assert_close(pm.generate(**kw, adapter_names=names, **GEN, **gen), expected, atol=0, rtol=0)
+        with fastpeft.mixed_batch(pm, names):  # the same through fastpeft's context manager
+            torch.testing.assert_close(pm.generate(**kw, **GEN, **gen), expected, atol=0, rtol=0)
+
+    # fastpeft's own PeftModel (adapters loaded from PEFT's files)
+    other = [n for n in names if n not in ("__base__", "default")][0]
+    fm = fastpeft.PeftModel.from_pretrained(fresh_copy(pristine), str(tmp_path))
+    fm.load_adapter(str(tmp_path / other), other)
+    with torch.no_grad():
+        torch.testing.assert_close(fm.generate(**kw, adapter_names=names, **GEN, **gen), expected, atol=0, rtol=0)
+
+
+def test_transformers_generate_with_fastpeft_mixed_batch_and_num_return_sequences(tmp_path):
+    pm, pristine, inputs, names, _ = _peft_model("llama-lora-mixed")
+    pm.save_pretrained(str(tmp_path))
+    model = fresh_copy(pristine)
+    model.load_adapter(str(tmp_path), adapter_name="default")
+    model.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    ref = copy.deepcopy(model)
+    fastpeft.optimize(model)
+    kw = inputs(batch=2, seq=4)
+    names = ["b", "default"]
+    gen = dict(num_beams=2, num_return_sequences=2)
+    with torch.no_grad(), fastpeft.mixed_batch(model, names):
+        got = model.generate(**kw, **GEN, **gen)  # rows repeated 2x by Transformers
+    assert got.shape[0] == 4
+    with torch.no_grad():
+        alone = _gen_rows_alone(ref, kw, names, ref.set_adapter, _disabled(ref), **gen)
+    torch.testing.assert_close(got, alone, atol=0, rtol=0)
+
+
+def _disabled(model):
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        model.disable_adapters()
+        try:
+            yield
+        finally:
+            model.enable_adapters()
+
+    return ctx

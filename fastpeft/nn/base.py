@@ -48,6 +48,7 @@ class AdapterLayer(nn.Module):
         self._active_slots: Optional[Tensor] = None  # [1, J] int32, -1 where this layer has none
         self._row_slots: Optional[Tensor] = None  # [len(mixed names)] int32 while in a mixed batch
         self._row_buf: Optional[Tensor] = None  # the memory _row_slots lives in
+        self._row_buf_names: Optional[tuple] = None  # the names whose slots it holds
         self._row_slots_cache: dict = {}  # names tuple -> row slots
         self._fast = None  # eager fast-path plan of the subclass (None: rebuild on next forward)
         self._fast_mixed: dict = {}  # the same for mixed batches, per names tuple
@@ -86,21 +87,25 @@ class AdapterLayer(nn.Module):
         names = None if names is None else tuple(names)
         self._mixed = names
         if names is None:
-            self._row_slots = None
+            self._row_slots = None  # the buffer and the row caches stay for the next batch
+            return
+        buf = self._row_buf  # a stable buffer per length (CUDA graphs, see _refresh_slots)
+        if names == self._row_buf_names and buf is not None:
+            self._row_slots = buf  # the same names again (PEFT passes them on every forward)
+            return
+        rs = self._row_slots_cache.get(names)
+        if rs is None:
+            rs = torch.tensor([self.slot_of(n) for n in names], dtype=torch.int32, device=self._slot_device())
+            if len(self._row_slots_cache) > 64:
+                self._row_slots_cache.clear()
+            self._row_slots_cache[names] = rs
+        if buf is not None and buf.shape == rs.shape and buf.device == rs.device and not buf.is_inference():
+            buf.copy_(rs)
         else:
-            rs = self._row_slots_cache.get(names)
-            if rs is None:
-                rs = torch.tensor([self.slot_of(n) for n in names], dtype=torch.int32, device=self._slot_device())
-                if len(self._row_slots_cache) > 64:
-                    self._row_slots_cache.clear()
-                self._row_slots_cache[names] = rs
-            buf = self._row_buf  # a stable buffer per length (CUDA graphs, see _refresh_slots)
-            if buf is not None and buf.shape == rs.shape and buf.device == rs.device and not buf.is_inference():
-                buf.copy_(rs)
-            else:
-                buf = self._row_buf = rs.clone()
-            self._row_slots = buf
-        self._slots_cache.clear()
+            buf = self._row_buf = rs.clone()
+        self._row_slots = buf
+        self._row_buf_names = names
+        self._slots_cache.clear()  # per-shape slots derived from the buffer's old content
 
     def _invalidate(self) -> None:
         self._fast = None
@@ -130,6 +135,7 @@ class AdapterLayer(nn.Module):
         else:
             self._active_slots = new
         self._row_slots_cache.clear()
+        self._row_buf_names = None
         self._invalidate()
         self._mixed_names = self._mixed  # recompute the row slots (slot order may have changed)
 
@@ -290,6 +296,17 @@ class AdapterLayer(nn.Module):
                 self._slots_cache.clear()
             self._slots_cache[key] = ts
         return ts
+
+    def _forward_with_row_names(self, x: Tensor, args: tuple, kwargs: dict):
+        """PEFT's layer-level ``forward(x, adapter_names=[...])`` (PEFT's forward hooks pass it to
+        every layer for ``model(..., adapter_names=...)``): this call as a mixed batch."""
+        names = kwargs.pop("adapter_names")
+        previous = self._mixed
+        self._mixed_names = None if names is None else ["__base__" if n is None else n for n in names]
+        try:
+            return self.forward(x, *args, **kwargs)
+        finally:
+            self._mixed_names = previous
 
     def uses_mixed_batch(self) -> bool:
         return self._mixed is not None

@@ -54,6 +54,8 @@ class IA3Linear(AdapterLayer):
         return torch.stack(rows)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if kwargs and "adapter_names" in kwargs:
+            return self._forward_with_row_names(x, args, kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

@@ -302,23 +302,27 @@ class LoraLinear(AdapterLayer):
         # the backend that fastpeft.ops.backends resolves directly: the custom_op dispatch costs
         # ~40 us a call on a 2-core CPU (measured, docs/optimize.md), more than a decode-sized
         # LoRA product. Under torch.compile the op stays one opaque node (_forward_traced).
-        if _is_compiling():  # first: compiled code must not read (and guard on) the plans
-            return self._forward_traced(x, *args, **kwargs)
-        fast = self._fast if self._row_slots is None else self._fast_mixed.get(self._mixed)
-        if fast is not None and not args and not kwargs:
-            grad_params, ptr_ts, ptrs, ver_ts, vers, K, N, devtype, W, bias, a, bt, scales, ts, dora = fast
-            if (
-                not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in grad_params)))
-                and [t.data_ptr() for t in ptr_ts] == ptrs
-                and [t._version for t in ver_ts] == vers
-            ):
-                x2 = x.reshape(-1, K)
-                if ts is None:  # mixed batch: slots for the rows of this call
-                    ts = self.token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1)
-                y = _backends.resolve("adapter_linear", devtype)(x2, W, bias, a, bt, scales, ts, dora, None, None)
-                return y.view(*x.shape[:-1], N)
-            self._fast, self._fast_mixed = None, {}
-        return self._forward_eager(x, *args, **kwargs)
+        if not _is_compiling():  # compiled code must not read (and guard on) the plans
+            fast = self._fast if self._row_slots is None else self._fast_mixed.get(self._mixed)
+            if fast is not None and not args and not kwargs:
+                grad_params, ptr_ts, ptrs, ver_ts, vers, K, N, devtype, W, bias, a, bt, scales, ts, dora = fast
+                if (
+                    not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in grad_params)))
+                    and [t.data_ptr() for t in ptr_ts] == ptrs
+                    and (vers is None or [t._version for t in ver_ts] == vers)
+                ):
+                    x2 = x.reshape(-1, K)
+                    if ts is None:  # mixed batch: slots for the rows of this call
+                        ts = self.token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1)
+                    y = _backends.resolve("adapter_linear", devtype)(x2, W, bias, a, bt, scales, ts, dora, None, None)
+                    return y.view(*x.shape[:-1], N)
+                self._fast, self._fast_mixed = None, {}
+            if kwargs and "adapter_names" in kwargs:
+                return self._forward_with_row_names(x, args, kwargs)
+            return self._forward_eager(x, *args, **kwargs)
+        if kwargs and "adapter_names" in kwargs:
+            return self._forward_with_row_names(x, args, kwargs)
+        return self._forward_traced(x, *args, **kwargs)
 
     def _forward_eager(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disable_adapters:
@@ -441,7 +445,7 @@ class LoraLinear(AdapterLayer):
             ver_ts += [base.weight, packed["a"], packed["bt"]]
             ver_ts += [self.lora_magnitude_vector[n].weight for n in self._adapters if self.use_dora.get(n)]
         return (
-            grad_params, ptr_ts, [t.data_ptr() for t in ptr_ts], ver_ts, [t._version for t in ver_ts],
+            grad_params, ptr_ts, [t.data_ptr() for t in ptr_ts], ver_ts, [t._version for t in ver_ts] or None,
             self.in_features, self.out_features, devtype, W, base.bias,
             packed["a"], packed["bt"], packed["scales"], ts, dora,
         )
@@ -723,6 +727,8 @@ class LoraEmbedding(AdapterLayer):
         return F.embedding(ids, weight, b.padding_idx, b.max_norm, b.norm_type, b.scale_grad_by_freq, b.sparse)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if kwargs and "adapter_names" in kwargs:
+            return self._forward_with_row_names(x, args, kwargs)
         if _is_compiling() and not (
             args or kwargs or self.disable_adapters or self.merged_adapters or self._dirty or not self._packed
             or not fused_forward_ok(self.base_layer) or self.base_layer.max_norm is not None

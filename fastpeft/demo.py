@@ -1,0 +1,181 @@
+"""``python -m fastpeft.demo``: the main job end to end on a built-in model, no downloads.
+
+1. builds the default small Llama-shaped model from a config (random weights);
+2. makes a LoRA adapter with the **peft** library and saves it in PEFT's format;
+3. loads it back with **fastpeft** (``fastpeft.PeftModel.from_pretrained``), and also turns a PEFT
+   model into fastpeft's with ``fastpeft.optimize``;
+4. checks both against PEFT's unfused computation: prints the max abs difference of the logits,
+   exits with code 1 above the tolerance;
+5. prints a short timing table (base, merged, PEFT, fastpeft; batch 1 and a 16-row batch of 16
+   distinct adapters) from ``bench/bench_generate.py`` when the repository is there, else from
+   a small built-in timing.
+
+``--quick``: a smaller model and fewer repetitions. ``--no-timing``: the checks only.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+
+# the default model when bench/ is not next to the package (same shape as the bench's CPU default)
+DEFAULT_CONFIG = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=2, vocab_size=4096)
+QUICK_CONFIG = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=2048)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TOLERANCE = 1e-4  # fp32 logits of O(1): a few ulps of accumulated rounding, far below any real difference
+
+
+def _bench_module():
+    """bench/bench_generate.py of the repository this package sits in, or None."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_generate.py")
+    if not os.path.exists(path):
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location("fastpeft_bench_generate", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    except Exception as e:  # a broken bench must not break the demo
+        print(f"(bench/bench_generate.py not usable: {type(e).__name__}: {e}; built-in timing)")
+        return None
+
+
+def build_model(config: dict, seed: int = 0):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tf.LlamaConfig(**config, max_position_embeddings=512, tie_word_embeddings=False)
+    model = tf.LlamaForCausalLM(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def check_parity(config: dict, folder: str) -> float:
+    """PEFT adapter -> PEFT format -> fastpeft; returns the largest logit difference seen."""
+    import peft
+
+    import fastpeft
+
+    base = build_model(config)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:  # a fresh adapter is a no-op (B = 0): give it real weights
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    pm.eval()
+    pm.save_pretrained(folder)
+    print(f"  adapter made by peft {peft.__version__} and saved in PEFT's format: {sorted(os.listdir(folder))}")
+
+    ids = torch.randint(3, config["vocab_size"], (4, 24), generator=g)
+    with torch.no_grad():
+        expected = pm(input_ids=ids).logits
+        with pm.disable_adapter():
+            base_logits = pm(input_ids=ids).logits
+    fm = fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), folder)
+    with torch.no_grad():
+        got = fm(input_ids=ids).logits
+    d_load = (got - expected).abs().max().item()
+    print(f"  fastpeft.PeftModel.from_pretrained vs PEFT: max |diff| = {d_load:.2e} "
+          f"(the adapter moves the logits by {(expected - base_logits).abs().max().item():.2f})")
+    fastpeft.optimize(pm)
+    with torch.no_grad():
+        got = pm(input_ids=ids).logits
+    d_opt = (got - expected).abs().max().item()
+    kinds = sorted({type(m).__name__ for m in pm.modules() if isinstance(m, fastpeft.nn.AdapterLayer)})
+    print(f"  fastpeft.optimize(peft_model) ({', '.join(kinds)} layers) vs PEFT: max |diff| = {d_opt:.2e}")
+    return max(d_load, d_opt)
+
+
+def builtin_timing(config: dict, repeats: int, new_tokens: int) -> list:
+    """A small stand-in for bench/bench_generate.py: greedy decode time per method."""
+    import statistics
+
+    import peft
+
+    import fastpeft
+
+    base = build_model(config)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, target_modules=TARGETS))
+        pm.save_pretrained(tmp)
+        models = {
+            "base": base,
+            "merged": copy.deepcopy(pm).merge_and_unload(),
+            "peft": pm,
+            "fastpeft": fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp),
+        }
+    ids = torch.randint(3, config["vocab_size"], (1, 16))
+    for name, m in models.items():
+        times = []
+        with torch.no_grad():
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+                if i:
+                    times.append(time.perf_counter() - t0)
+        t = statistics.median(times)
+        rows.append(dict(method=name, batch=1, adapters=1, tokens_per_s=round(new_tokens / t, 1)))
+    ref = {r["method"]: r for r in rows}
+    for r in rows:
+        r["vs_peft"] = round(ref["peft"]["tokens_per_s"] / r["tokens_per_s"], 3)
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="fastpeft demo: PEFT adapter -> fastpeft, checked and timed")
+    p.add_argument("--quick", action="store_true", help="smaller model, fewer repetitions")
+    p.add_argument("--no-timing", action="store_true", help="only the correctness checks")
+    args = p.parse_args(argv)
+    t_start = time.time()
+    warnings.filterwarnings("ignore")
+    import fastpeft
+
+    bench = _bench_module()
+    config = dict(QUICK_CONFIG if args.quick else DEFAULT_CONFIG)
+    if bench is not None:
+        config = dict(bench.QUICK_CONFIG if args.quick else bench.CPU_CONFIG)
+    print(f"fastpeft {fastpeft.__version__}, torch {torch.__version__}; backends: {fastpeft.available_backends()}")
+    print(f"model: Llama-shaped {config} (random weights), fp32 on the CPU")
+
+    print("\n[1/2] correctness against PEFT's unfused computation")
+    with tempfile.TemporaryDirectory() as tmp:
+        diff = check_parity(config, tmp)
+    ok = diff <= TOLERANCE
+    print(f"  => {'OK' if ok else 'FAILED'}: max |diff| {diff:.2e} {'<=' if ok else '>'} tolerance {TOLERANCE:.0e}")
+    if not ok:
+        return 1
+    if args.no_timing:
+        return 0
+
+    print("\n[2/2] greedy decoding with the KV cache (medians; decode_ms = one more token; "
+          "vs_peft = time ratio to PEFT)")
+    if bench is not None:
+        device = torch.device("cpu")
+        rows = bench.run(config, device, torch.float32, batch=16, n_adapters=16, rank=16,
+                         new_tokens=8 if args.quick else 16, prompt_len=16, repeats=2 if args.quick else 5,
+                         methods=("base", "merged", "peft", "optimize", "fastpeft"), log=lambda *_: None)
+        bench.print_table(rows, ["method", "batch", "adapters", "tokens_per_s", "decode_ms", "vs_base", "vs_peft"])
+        print("  (optimize = a peft.PeftModel after fastpeft.optimize; fastpeft = fastpeft.PeftModel; the 16-row "
+              "batch uses adapter_names= with 16 distinct adapters; full runs: bench/bench_generate.py)")
+    else:
+        rows = builtin_timing(config, repeats=2 if args.quick else 3, new_tokens=8)
+        for r in rows:
+            print(f"  {r['method']:<9} batch {r['batch']}  {r['tokens_per_s']:8.1f} tokens/s  vs PEFT {r['vs_peft']}")
+    print(f"\ndone in {time.time() - t_start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
