@@ -464,3 +464,29 @@ def _disabled(model):
             model.enable_adapters()
 
     return ctx
+
+
+def test_fast_path_never_drops_gradients_of_trainable_base_params():
+    """bias="all" trains the base biases: after an inference call built the eager fast path, a
+    call with gradients must still reach them (and the adapters) exactly as in PEFT."""
+    base, inputs = tiny("opt")
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "fc1"], bias="all"))
+    randomize_adapters(pm, seed=2)
+    pm.eval()
+    for n, p in pm.named_parameters():  # only the base biases train: the adapters are frozen
+        if "lora_" in n:
+            p.requires_grad_(False)
+    ref = copy.deepcopy(pm)
+    fastpeft.optimize(pm)
+    kw = inputs(batch=2, seq=5)
+    with torch.no_grad():
+        pm(**kw)  # builds the fast-path plans
+    for model in (ref, pm):
+        model(**kw).logits.square().mean().backward()
+    gref = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    got = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    assert any("q_proj.base_layer.bias" in n for n in gref)
+    assert set(got) == set(gref)
+    for n in gref:
+        assert got[n] is not None, n
+        torch.testing.assert_close(got[n], gref[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -47,8 +47,8 @@ class AdapterLayer(nn.Module):
         # switching between loaded adapters re-uses the compiled graph.
         self._active_slots: Optional[Tensor] = None  # [1, J] int32, -1 where this layer has none
         self._row_slots: Optional[Tensor] = None  # [len(mixed names)] int32 while in a mixed batch
-        self._row_buf: Optional[Tensor] = None  # the memory _row_slots lives in
-        self._row_buf_names: Optional[tuple] = None  # the names whose slots it holds
+        self._row_bufs: dict = {}  # number of names -> the memory _row_slots lives in
+        self._row_buf_names: dict = {}  # number of names -> the names whose slots it holds
         self._row_slots_cache: dict = {}  # names tuple -> row slots
         self._fast = None  # eager fast-path plan of the subclass (None: rebuild on next forward)
         self._fast_mixed: dict = {}  # the same for mixed batches, per names tuple
@@ -87,30 +87,39 @@ class AdapterLayer(nn.Module):
         names = None if names is None else tuple(names)
         self._mixed = names
         if names is None:
-            self._row_slots = None  # the buffer and the row caches stay for the next batch
+            self._row_slots = None  # the buffers and the row caches stay for the next batch
             return
-        buf = self._row_buf  # a stable buffer per length (CUDA graphs, see _refresh_slots)
-        if names == self._row_buf_names and buf is not None:
+        n = len(names)
+        buf = self._row_bufs.get(n)  # one stable buffer per number of names (CUDA graphs)
+        if buf is not None and names == self._row_buf_names.get(n):
             self._row_slots = buf  # the same names again (PEFT passes them on every forward)
             return
         rs = self._row_slots_cache.get(names)
         if rs is None:
-            rs = torch.tensor([self.slot_of(n) for n in names], dtype=torch.int32, device=self._slot_device())
+            rs = torch.tensor([self.slot_of(m) for m in names], dtype=torch.int32, device=self._slot_device())
             if len(self._row_slots_cache) > 64:
                 self._row_slots_cache.clear()
             self._row_slots_cache[names] = rs
-        if buf is not None and buf.shape == rs.shape and buf.device == rs.device and not buf.is_inference():
+        if buf is not None and buf.device == rs.device and not buf.is_inference():
             buf.copy_(rs)
+            # the per-shape slots derived from this buffer are refreshed in place too: a CUDA
+            # graph captured in an earlier mixed batch of this size reads them
+            for key, ts in list(self._slots_cache.items()):
+                if key[0] == n:
+                    try:
+                        ts.copy_(self._derive_slots(buf, key[1], key[2]))
+                    except (ValueError, RuntimeError):
+                        del self._slots_cache[key]
         else:
-            buf = self._row_buf = rs.clone()
+            buf = self._row_bufs[n] = rs.clone()
+            for key in [k for k in self._slots_cache if k[0] == n]:
+                del self._slots_cache[key]
         self._row_slots = buf
-        self._row_buf_names = names
-        self._slots_cache.clear()  # per-shape slots derived from the buffer's old content
+        self._row_buf_names[n] = names
 
     def _invalidate(self) -> None:
         self._fast = None
         self._fast_mixed = {}
-        self._slots_cache.clear()
 
     def _slot_device(self) -> torch.device:
         w = getattr(self.get_base_layer(), "weight", None)
@@ -135,7 +144,9 @@ class AdapterLayer(nn.Module):
         else:
             self._active_slots = new
         self._row_slots_cache.clear()
-        self._row_buf_names = None
+        self._row_buf_names = {}
+        if self._row_bufs and next(iter(self._row_bufs.values())).device != device:
+            self._row_bufs, self._slots_cache = {}, {}  # moved: new buffers on the new device
         self._invalidate()
         self._mixed_names = self._mixed  # recompute the row slots (slot order may have changed)
 
@@ -281,21 +292,24 @@ class AdapterLayer(nn.Module):
         rs = self._row_slots
         if rs is None:
             return self._active_slots
-        k = self._rows_per_name(batch, rs.shape[0])  # a shape, not the names: no guard on them
-        compiling = torch.compiler.is_compiling()
-        key = (rows, batch)
-        if not compiling:
-            ts = self._slots_cache.get(key)
-            if ts is not None:
-                return ts
-        per_row = rs if k == 1 else rs.repeat_interleave(k)
-        per = rows // batch if batch else 1
-        ts = (per_row if per == 1 else per_row.repeat_interleave(per)).unsqueeze(1)
-        if not compiling:
+        if torch.compiler.is_compiling():
+            return self._derive_slots(rs, rows, batch)
+        key = (rs.shape[0], rows, batch)
+        ts = self._slots_cache.get(key)
+        if ts is None:
+            ts = self._derive_slots(rs, rows, batch).contiguous()
             if len(self._slots_cache) > 64:
                 self._slots_cache.clear()
             self._slots_cache[key] = ts
         return ts
+
+    def _derive_slots(self, rs: Tensor, rows: int, batch: int) -> Tensor:
+        """[rows, 1] slots from the per-name slots ``rs``: each name covers ``batch // len(rs)``
+        consecutive batch rows, each batch row ``rows // batch`` consecutive rows of x."""
+        k = self._rows_per_name(batch, rs.shape[0])  # a shape, not the names: no guard on them
+        per_row = rs if k == 1 else rs.repeat_interleave(k)
+        per = rows // batch if batch else 1
+        return (per_row if per == 1 else per_row.repeat_interleave(per)).unsqueeze(1)
 
     def _forward_with_row_names(self, x: Tensor, args: tuple, kwargs: dict):
         """PEFT's layer-level ``forward(x, adapter_names=[...])`` (PEFT's forward hooks pass it to

@@ -36,6 +36,15 @@ from ._base_kinds import base_kind, fused_forward_ok, in_out_features, weight_nk
 from .base import AdapterLayer
 
 _is_compiling = torch.compiler.is_compiling
+# Below the autograd keys: the compiled backends register their autograd from Python
+# (torch.library.register_autograd), which costs ~7 us a call on a 2-core CPU even when no
+# gradient is needed (measured at a 512-wide decode step: 37.2 -> 30.4 us). The eager fast
+# path uses it only when no input or parameter needs a gradient.
+_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
+if _below_autograd is None:  # pragma: no cover - older/newer torch without the guard
+    import contextlib as _contextlib
+
+    _below_autograd = _contextlib.nullcontext
 
 
 def _dynamic_slots_and_rank(a: Tensor, bt: Tensor, scales: Tensor) -> None:
@@ -314,7 +323,9 @@ class LoraLinear(AdapterLayer):
                     x2 = x.reshape(-1, K)
                     if ts is None:  # mixed batch: slots for the rows of this call
                         ts = self.token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1)
-                    y = _backends.resolve("adapter_linear", devtype)(x2, W, bias, a, bt, scales, ts, dora, None, None)
+                    fn = _backends.resolve("adapter_linear", devtype)
+                    with _below_autograd():  # nothing needs a gradient (checked above)
+                        y = fn(x2, W, bias, a, bt, scales, ts, dora, None, None)
                     return y.view(*x.shape[:-1], N)
                 self._fast, self._fast_mixed = None, {}
             if kwargs and "adapter_names" in kwargs:
@@ -427,7 +438,10 @@ class LoraLinear(AdapterLayer):
     def _fast_plan(self, names, W, packed, ts, dora, devtype) -> tuple:
         """Arguments of the eager fast path, and the tensors it checks before re-using them."""
         base = self.base_layer
-        grad_params = [p for n in names for p in self._params_of(n)]
+        # everything a gradient could flow to: the fast path runs only while none is needed
+        grad_params = [p for n in names for p in self._params_of(n)] + [base.weight]
+        if base.bias is not None:
+            grad_params.append(base.bias)
         ptr_ts = [base.weight] + ([base.bias] if base.bias is not None else [])
         ver_ts = []
         aliased = packed["ptrs"]
