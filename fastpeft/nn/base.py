@@ -194,11 +194,23 @@ class AdapterLayer(nn.Module):
             names = [names]
         self._active = list(names)
         active = set(self._active)
-        for name in self._adapters:
-            trainable = name in active
-            for p in self._params_of(name):
-                if p.requires_grad != trainable and p.is_floating_point() and not self._frozen_param(name, p):
-                    p.requires_grad_(trainable)
+        # one pass over the adapter containers (not _params_of per name: with hundreds of
+        # adapters this loop is most of the cost of switching)
+        for attr in self.adapter_param_dicts:
+            d = getattr(self, attr)
+            items = d._modules.items() if isinstance(d, nn.ModuleDict) else d.items()
+            for name, v in items:
+                trainable = name in active
+                if not isinstance(v, nn.Module):
+                    ps = (v,)
+                elif not v._modules:
+                    ps = v._parameters.values()
+                else:
+                    ps = v.parameters()
+                for p in ps:
+                    if (p is not None and p.requires_grad != trainable and p.is_floating_point()
+                            and not self._frozen_param(name, p)):
+                        p.requires_grad_(trainable)
         self._refresh_slots()
 
     def _frozen_param(self, name: str, p: Tensor) -> bool:
