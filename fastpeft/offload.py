@@ -21,7 +21,6 @@ adapters. Training offloaded adapters is not supported (the stacks hold copies).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 from torch import nn

@@ -59,14 +59,6 @@ _HOOK_ATTRS = (
 )
 
 
-def _set_requires_grad(module_or_param, flag: bool) -> None:
-    if isinstance(module_or_param, nn.Module):
-        for p in module_or_param.parameters():
-            p.requires_grad_(flag)
-    elif isinstance(module_or_param, Tensor) and module_or_param.is_floating_point():
-        module_or_param.requires_grad_(flag)
-
-
 class _PeftLayerAPI:
     """PEFT's ``BaseTunerLayer`` / ``LoraLayer`` interface, with PEFT's signatures and meanings,
     on a fastpeft layer. Mixed in front of the fastpeft class by the compat classes below."""

@@ -1,8 +1,6 @@
 """torch.compile(fullgraph=True) of adapted Transformers models: same outputs as eager, and no
 recompilation when switching between loaded adapters or mixed-batch names (the slot tensors and
 stacks are graph inputs, not constants). CUDA graphs of decode steps when a GPU is present."""
-import copy
-import warnings
 
 import peft
 import pytest

@@ -490,3 +490,20 @@ def test_fast_path_never_drops_gradients_of_trainable_base_params():
     for n in gref:
         assert got[n] is not None, n
         torch.testing.assert_close(got[n], gref[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_disabled_state_scaling_and_several_active_are_carried_over():
+    pm, _, inputs, names, _ = _peft_model("llama-lora-mixed")
+    kw = inputs(batch=2, seq=5)
+    pm.base_model.set_adapter(["default", "b"])
+    for m in pm.modules():  # PEFT's set_scale (e.g. by a user or a hook) on some layers
+        if hasattr(m, "set_scale") and "b" in getattr(m, "scaling", {}):
+            m.set_scale("b", 0.5)
+    expected = logits(pm, kw)
+    pm.base_model.disable_adapter_layers()
+    expected_off = logits(pm, kw)
+    fastpeft.optimize(pm)
+    torch.testing.assert_close(logits(pm, kw), expected_off, atol=ATOL, rtol=1e-5)  # still disabled
+    pm.base_model.enable_adapter_layers()
+    assert pm.base_model.model.model.layers[0].self_attn.q_proj.active_adapters == ["default", "b"]
+    torch.testing.assert_close(logits(pm, kw), expected, atol=ATOL, rtol=1e-5)
