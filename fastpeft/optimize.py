@@ -579,18 +579,6 @@ def _reoptimizing(original):
     return method
 
 
-# ``fastpeft.optimize`` is exposed lazily by ``fastpeft/__init__.py`` (``__getattr__``), but once
-# this submodule is imported Python binds the *module* to the package attribute of the same name.
-# Making the module callable keeps ``fastpeft.optimize(model)`` working either way (and
-# ``fastpeft.optimize.prepare(model)`` reaches the helpers).
-import sys as _sys
-import types as _types
-
-
-class _CallableModule(_types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        return optimize(*args, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule
-optimize.prepare = prepare  # ``fastpeft.optimize.prepare(model)`` whichever object the name holds
+# ``fastpeft/__init__.py`` binds ``fastpeft.optimize`` to the function above; this makes
+# ``fastpeft.optimize.prepare(model)`` reach the helper too.
+optimize.prepare = prepare
