@@ -5,7 +5,6 @@ import contextlib
 import os
 from typing import Optional
 
-import torch
 from torch import nn
 
 from . import checkpoint, targeting, tuner

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, targeting
-from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PeftType
+from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig
 from .nn import AdaLoraLinear, AdapterLayer, IA3Linear, LoraEmbedding, LoraLinear, ModulesToSaveWrapper
 from .nn._base_kinds import base_kind
 from .nn.base import BASE_NAMES

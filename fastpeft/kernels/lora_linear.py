@@ -33,7 +33,6 @@ shapes (CUDA graphs and ``torch.compile`` can capture the launch).
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -42,10 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:  # triton >= 3.4
-    INTERPRET = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # pragma: no cover - older triton
-    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+from ._interpret import INTERPRET
 
 # ---------------------------------------------------------------------------------------------
 # Dispatch thresholds. PROVISIONAL: chosen by reasoning about an H100 (SXM, 132 SMs, 3.35 TB/s,

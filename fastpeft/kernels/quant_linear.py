@@ -35,7 +35,6 @@ nested offset and the LUTs are read on the device).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -43,10 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:  # triton >= 3.4
-    INTERPRET = bool(triton.knobs.runtime.interpret)
-except AttributeError:  # pragma: no cover - older triton
-    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+from ._interpret import INTERPRET
 
 # ---------------------------------------------------------------------------------------------
 # Dispatch constants. UNMEASURED: chosen by reasoning about an H100 (132 SMs, 3.35 TB/s); no GPU

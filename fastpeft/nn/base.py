@@ -163,6 +163,23 @@ class AdapterLayer(nn.Module):
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
 
+    def _adapters_to_run(self, container) -> Optional[list]:
+        """The adapters (of those in ``container``) this forward applies, in order, or None when
+        the base layer alone runs: adapters disabled (a merged layer is unmerged first, as PEFT
+        does) or merged. A mixed batch on merged weights is an error."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return None
+        mixed = self._mixed_names
+        if mixed is not None:
+            if self.merged:
+                raise ValueError("cannot use a mixed batch while adapters are merged; call unmerge_adapter() first")
+            return [n for n in dict.fromkeys(mixed) if n in container]
+        if self.merged:
+            return None
+        return [n for n in self.active_adapters if n in container]
+
     # ----- names and slots -------------------------------------------------------------------
     @property
     def adapter_names(self) -> list[str]:

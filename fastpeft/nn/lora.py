@@ -336,19 +336,10 @@ class LoraLinear(AdapterLayer):
         return self._forward_traced(x, *args, **kwargs)
 
     def _forward_eager(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+        names = self._adapters_to_run(self.lora_A)
+        if names is None:
             return self.base_layer(x, *args, **kwargs)
         mixed = self._mixed_names
-        if mixed is not None:
-            if self.merged:
-                raise ValueError("cannot use a mixed batch while adapters are merged; call unmerge_adapter() first")
-            names = [n for n in dict.fromkeys(mixed) if n in self.lora_A]
-        else:
-            if self.merged:
-                return self.base_layer(x, *args, **kwargs)
-            names = [n for n in self.active_adapters if n in self.lora_A]
         if not names:
             if mixed is not None:
                 self._rows_per_name(x.shape[0])  # validates the batch length
@@ -755,19 +746,10 @@ class LoraEmbedding(AdapterLayer):
             y = torch.ops.fastpeft.adapter_embedding(ids, self.base_layer.weight, packed["a"], packed["bt"],
                                                      packed["scales"], ts)
             return y.reshape(*x.shape, self.embedding_dim)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+        names = self._adapters_to_run(self.lora_embedding_A)
+        if names is None:
             return self.base_layer(x, *args, **kwargs)
         mixed = self._mixed_names
-        if mixed is not None:
-            if self.merged:
-                raise ValueError("cannot use a mixed batch while adapters are merged; call unmerge_adapter() first")
-            names = [n for n in dict.fromkeys(mixed) if n in self.lora_embedding_A]
-        else:
-            if self.merged:
-                return self.base_layer(x, *args, **kwargs)
-            names = [n for n in self.active_adapters if n in self.lora_embedding_A]
         batch = x.shape[0] if x.dim() > 0 else 1
         if not names:
             if mixed is not None:
