@@ -30,6 +30,7 @@ LORA_CASES = {
     "llama-ia3": ("llama", lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     "t5-ia3": ("t5", lambda: peft.IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"], task_type="SEQ_2_SEQ_LM")),
     "gpt2-ia3": ("gpt2", lambda: peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)),
+    "gpt2-adalora-conv1d": ("gpt2", lambda: peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, total_step=10)),
     "llama-adalora": ("llama", lambda: peft.AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, target_modules=["q_proj", "v_proj"], total_step=10)),
 }
 

@@ -65,12 +65,13 @@ def test_lora_on_quantized_base_matches_peft(bits, quant_type, tmp_path):
         torch.testing.assert_close(got_mixed[i : i + 1], alone, **tol)
 
 
-def test_ia3_and_dora_on_4bit(tmp_path):
+def test_ia3_dora_adalora_on_4bit(tmp_path):
     base, inputs = _quantized_llama(4)
     pristine = fresh_copy(base)
     kw = inputs()
     for cfg in (peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
-                peft.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "gate_proj"])):
+                peft.LoraConfig(r=4, use_dora=True, target_modules=["q_proj", "gate_proj"]),
+                peft.AdaLoraConfig(init_r=4, target_r=2, target_modules=["v_proj", "up_proj"], total_step=10)):
         pm = peft.get_peft_model(fresh_copy(pristine), cfg)
         randomize_adapters(pm)
         pm.eval()
