@@ -148,7 +148,8 @@ class _PeftLayerAPI:
                         p.requires_grad_(requires_grad)
 
     def _freeze_non_trainable_peft_weights(self, adapter_names=None) -> None:
-        pass  # fastpeft layers freeze their fixed tensors themselves (AdaLoRA's ranknum)
+        """PEFT's hook, deliberately a no-op: fastpeft layers already keep their fixed tensors
+        (AdaLoRA's ranknum) frozen in ``set_adapter``."""
 
     def _all_available_adapter_names(self) -> list:
         return sorted(self._adapters)
