@@ -47,19 +47,6 @@ from . import reference
 
 LIB = "fastpeft"
 
-_LINEAR_ARGS = (
-    "x",
-    "weight",
-    "bias",
-    "lora_a",
-    "lora_b",
-    "slot_scales",
-    "token_slots",
-    "dora_scale",
-    "input_scale",
-    "output_scale",
-)
-
 
 @torch.library.custom_op(f"{LIB}::adapter_linear", mutates_args=())
 def adapter_linear(
@@ -109,22 +96,25 @@ def _(ids, weight, lora_a, lora_b, slot_scales, token_slots):
     return weight.new_empty(ids.shape[0], weight.shape[1])
 
 
-def _make_autograd(op, ref, n_args):
-    """Backward by recomputing ``ref`` (the PyTorch reference) and differentiating it."""
+def register_recompute_autograd(op, ref) -> None:
+    """Backward for ``op`` (a custom op or a ``"fastpeft::name"`` string) by recomputing ``ref``
+    (its PyTorch semantics) and differentiating it. Non-tensor arguments (ints, dtypes) are kept
+    on ``ctx`` and passed back to ``ref``."""
 
     def setup_context(ctx, inputs, output):
+        ctx.consts = [None if isinstance(t, Tensor) else t for t in inputs]
         ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs])
 
     def backward(ctx, grad):
-        inputs = list(ctx.saved_tensors)
+        inputs = [c if c is not None else t for c, t in zip(ctx.consts, ctx.saved_tensors)]
         need = ctx.needs_input_grad
         leaves = []
         for i, t in enumerate(inputs):
-            if t is not None and need[i] and t.is_floating_point():
+            if isinstance(t, Tensor) and need[i] and t.is_floating_point():
                 t = t.detach().requires_grad_(True)
                 inputs[i] = t
                 leaves.append((i, t))
-        grads = [None] * n_args
+        grads = [None] * len(inputs)
         if not leaves:
             return tuple(grads)
         with torch.enable_grad():
@@ -134,23 +124,16 @@ def _make_autograd(op, ref, n_args):
             grads[i] = g
         return tuple(grads)
 
-    op.register_autograd(backward, setup_context=setup_context)
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
 
 
-_make_autograd(adapter_linear, reference.adapter_linear, len(_LINEAR_ARGS))
-_make_autograd(adapter_embedding, reference.adapter_embedding, 6)
+register_recompute_autograd(adapter_linear, reference.adapter_linear)
+register_recompute_autograd(adapter_embedding, reference.adapter_embedding)
 
 
 # ---- quantized bases: bitsandbytes 4-bit (NF4/FP4) and 8-bit (LLM.int8) weights ---------------
 # Same contract as adapter_linear with ``weight`` = the dequantized base weight (see
 # fastpeft/quant/formats.py for the storage and docs/quantization.md for the kernels).
-
-_Q4_ARGS = (
-    "x", "qweight", "absmax", "code", "nested_absmax", "nested_code", "nested_offset",
-    "out_features", "blocksize", "nested_blocksize", "compute_dtype",
-) + _LINEAR_ARGS[2:]
-_Q8_ARGS = ("x", "qweight", "row_scale") + _LINEAR_ARGS[2:]
-
 
 @torch.library.custom_op(f"{LIB}::adapter_linear_4bit", mutates_args=())
 def adapter_linear_4bit(
@@ -231,35 +214,5 @@ def _(x, qweight, row_scale, bias, lora_a, lora_b, slot_scales, token_slots, dor
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 
-def _make_autograd_with_consts(op, ref, n_args):
-    """:func:`_make_autograd` for ops that also take non-tensor arguments (ints, dtypes):
-    those are kept on ``ctx`` and passed back to ``ref`` when the backward recomputes it."""
-
-    def setup_context(ctx, inputs, output):
-        ctx.consts = [None if isinstance(t, Tensor) else t for t in inputs]
-        ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs])
-
-    def backward(ctx, grad):
-        inputs = [c if c is not None else t for c, t in zip(ctx.consts, ctx.saved_tensors)]
-        need = ctx.needs_input_grad
-        leaves = []
-        for i, t in enumerate(inputs):
-            if isinstance(t, Tensor) and need[i] and t.is_floating_point():
-                t = t.detach().requires_grad_(True)
-                inputs[i] = t
-                leaves.append((i, t))
-        grads = [None] * n_args
-        if not leaves:
-            return tuple(grads)
-        with torch.enable_grad():
-            out = ref(*inputs)
-            got = torch.autograd.grad(out, [t for _, t in leaves], grad, allow_unused=True)
-        for (i, _), g in zip(leaves, got):
-            grads[i] = g
-        return tuple(grads)
-
-    op.register_autograd(backward, setup_context=setup_context)
-
-
-_make_autograd_with_consts(adapter_linear_4bit, reference.adapter_linear_4bit, len(_Q4_ARGS))
-_make_autograd(adapter_linear_8bit, reference.adapter_linear_8bit, len(_Q8_ARGS))
+register_recompute_autograd(adapter_linear_4bit, reference.adapter_linear_4bit)
+register_recompute_autograd(adapter_linear_8bit, reference.adapter_linear_8bit)

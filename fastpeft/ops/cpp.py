@@ -16,13 +16,13 @@ extension is not built, ``"cpp"`` is marked unavailable with the reason.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import _ext
 from . import backends, reference
+from ._schema import register_recompute_autograd
 
 OPS = ("native_adapter_linear", "native_adapter_embedding", "native_lora_shrink_expand")
 
@@ -85,36 +85,7 @@ def _register_python_parts() -> None:
         return y.new_empty(y.shape)
 
     for name, ref in REFERENCES.items():
-        _register_autograd(name, ref)
-
-
-def _register_autograd(name: str, ref) -> None:
-    """Backward by recomputing ``ref`` (the PyTorch semantics) and differentiating it."""
-
-    def setup_context(ctx, inputs, output):
-        ctx.n_inputs = len(inputs)
-        ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs])
-
-    def backward(ctx, grad):
-        inputs = list(ctx.saved_tensors)
-        need = ctx.needs_input_grad
-        grads: list[Optional[Tensor]] = [None] * ctx.n_inputs
-        leaves = []
-        for i, t in enumerate(inputs):
-            if t is not None and need[i] and t.is_floating_point():
-                t = t.detach().requires_grad_(True)
-                inputs[i] = t
-                leaves.append((i, t))
-        if not leaves:
-            return tuple(grads)
-        with torch.enable_grad():
-            out = ref(*inputs)
-            got = torch.autograd.grad(out, [t for _, t in leaves], grad, allow_unused=True)
-        for (i, _), g in zip(leaves, got):
-            grads[i] = g
-        return tuple(grads)
-
-    torch.library.register_autograd(f"fastpeft::{name}", backward, setup_context=setup_context)
+        register_recompute_autograd(f"fastpeft::{name}", ref)
 
 
 def native_op(name: str):
