@@ -6,7 +6,8 @@ from setuptools import setup
 
 
 def _extensions():
-    """``fastpeft._C`` (the ``torch.ops.fastpeft.native_*`` operators), when it can be built.
+    """``fastpeft._C`` (the ``torch.ops.fastpeft.native_*`` operators), and ``fastpeft._fastpath``
+    (the eager decode fast path of the LoRA layers, ``csrc/fastpath.cpp``), when they can be built.
 
     * C++ compiler present: a CppExtension with the CPU kernels (one translation unit).
     * torch built with CUDA and nvcc found (``CUDA_HOME``): a CUDAExtension that adds the CUDA
@@ -124,7 +125,13 @@ def _extensions():
         def get_outputs(self):
             return [p for p in super().get_outputs() if os.path.exists(p)]
 
-    return [ext], {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
+    # pybind11 module on libtorch_python (so not in _C, which C++ programs load without Python)
+    fastpath = cpp_extension.CppExtension(
+        "fastpeft._fastpath",
+        [rel(os.path.join(here, "csrc", "fastpath.cpp"))],
+        extra_compile_args={"cxx": ["-O2"]},
+    )
+    return [ext, fastpath], {"build_ext": OptionalBuildExt.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
 ext_modules, cmdclass = _extensions()

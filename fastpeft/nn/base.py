@@ -53,6 +53,14 @@ class AdapterLayer(nn.Module):
         self._fast = None  # eager fast-path plan of the subclass (None: rebuild on next forward)
         self._fast_mixed: dict = {}  # the same for mixed batches, per names tuple
 
+    def __getstate__(self):
+        # copies and pickles start without fast-path plans (the C++ plans can be neither, and
+        # a plan is only a cache: the first forward builds it again)
+        state = super().__getstate__().copy()
+        state["_fast"] = None
+        state["_fast_mixed"] = {}
+        return state
+
     # Flags whose change must drop the eager fast-path plan.
     @property
     def disable_adapters(self) -> bool:
@@ -235,6 +243,37 @@ class AdapterLayer(nn.Module):
 
     def enable_adapters(self, enabled: bool) -> None:
         self.disable_adapters = not enabled
+
+    def _identity_checks(self, names) -> list:
+        """``(container dict, key, object)`` triples that must still hold (``dict[key] is
+        object``) for tensors captured from this layer for ``names`` to be its current ones:
+        the base layer and its parameters, and the adapter containers, entries and their
+        parameters. A fast-path plan checks them on every call, so that assigning a new
+        ``nn.Parameter`` or module (e.g. ``load_state_dict(assign=True)``) is seen."""
+        checks = []
+
+        def add(container: dict, key: str) -> None:
+            checks.append((container, key, container.get(key)))
+
+        add(self._modules, "base_layer")
+        base = self.base_layer
+        for k in base._parameters:
+            add(base._parameters, k)
+        for attr in self.adapter_param_dicts:
+            d = self._modules.get(attr)
+            add(self._modules, attr)
+            if d is None:
+                continue
+            store = d._modules if isinstance(d, nn.ModuleDict) else d._parameters
+            for n in names:
+                if n not in store:
+                    continue
+                add(store, n)
+                v = store[n]
+                if isinstance(v, nn.Module):
+                    for k in v._parameters:
+                        add(v._parameters, k)
+        return checks
 
     def _params_of(self, name: str) -> list[Tensor]:
         out = []

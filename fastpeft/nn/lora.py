@@ -30,21 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import _schema  # noqa: F401  (defines torch.ops.fastpeft.*)
-from ..ops import backends as _backends
+from ..ops import fastpath as _fastpath
 from ..ops.reference import dora_weight_norm
 from ._base_kinds import base_kind, fused_forward_ok, in_out_features, weight_nk
 from .base import AdapterLayer
 
 _is_compiling = torch.compiler.is_compiling
-# Below the autograd keys: the compiled backends register their autograd from Python
-# (torch.library.register_autograd), which costs ~7 us a call on a 2-core CPU even when no
-# gradient is needed (measured at a 512-wide decode step: 37.2 -> 30.4 us). The eager fast
-# path uses it only when no input or parameter needs a gradient.
-_below_autograd = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
-if _below_autograd is None:  # pragma: no cover - older/newer torch without the guard
-    import contextlib as _contextlib
-
-    _below_autograd = _contextlib.nullcontext
 
 
 def _dynamic_slots_and_rank(a: Tensor, bt: Tensor, scales: Tensor) -> None:
@@ -304,30 +295,30 @@ class LoraLinear(AdapterLayer):
         return False
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        # Eager fast path: a plan (the backend's arguments) built by the last fused forward and
-        # dropped by every state change (set_adapter, enable/disable, mixed_batch, add/delete,
-        # merge, .to(), train/eval, repack); parameters replaced behind the layer's back are
-        # caught by their storage pointers (and versions where the stacks hold copies). It calls
-        # the backend that fastpeft.ops.backends resolves directly: the custom_op dispatch costs
-        # ~40 us a call on a 2-core CPU (measured, docs/optimize.md), more than a decode-sized
-        # LoRA product. Under torch.compile the op stays one opaque node (_forward_traced).
+        # Eager fast path: a plan (fastpeft.ops.fastpath: the operator's arguments and what
+        # must still hold for them) built by the last fused forward and dropped by every state
+        # change (set_adapter, enable/disable, mixed_batch, add/delete, merge, .to(),
+        # train/eval, repack); parameters replaced or written behind the layer's back, a needed
+        # gradient or another backend choice make the plan answer None. With the compiled
+        # extension the plan is C++ (no Python body, no boxed torch.ops call: ~10 us a layer
+        # at decode, docs/perf-notes.md). Under torch.compile the op stays one opaque node
+        # (_forward_traced).
         if not _is_compiling():  # compiled code must not read (and guard on) the plans
-            fast = self._fast if self._row_slots is None else self._fast_mixed.get(self._mixed)
-            if fast is not None and not args and not kwargs:
-                grad_params, ptr_ts, ptrs, ver_ts, vers, K, N, devtype, W, bias, a, bt, scales, ts, dora = fast
-                if (
-                    not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in grad_params)))
-                    and [t.data_ptr() for t in ptr_ts] == ptrs
-                    and (vers is None or [t._version for t in ver_ts] == vers)
-                ):
-                    x2 = x.reshape(-1, K)
-                    if ts is None:  # mixed batch: slots for the rows of this call
-                        ts = self.token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1)
-                    fn = _backends.resolve("adapter_linear", devtype)
-                    with _below_autograd():  # nothing needs a gradient (checked above)
-                        y = fn(x2, W, bias, a, bt, scales, ts, dora, None, None)
-                    return y.view(*x.shape[:-1], N)
-                self._fast, self._fast_mixed = None, {}
+            if not args and not kwargs:
+                if self._row_slots is None:
+                    fast = self._fast
+                    y = fast(x) if fast is not None else None
+                else:
+                    fast = self._fast_mixed.get(self._mixed)
+                    if fast is not None and x.dim() > 0 and x.shape[-1] == self.in_features:
+                        M = x.numel() // max(self.in_features, 1)
+                        y = fast(x, self.token_slots(M, x.shape[0] if x.dim() > 1 else 1))
+                    else:
+                        y = None
+                if y is not None:
+                    return y
+                if fast is not None:
+                    self._fast, self._fast_mixed = None, {}
             if kwargs and "adapter_names" in kwargs:
                 return self._forward_with_row_names(x, args, kwargs)
             return self._forward_eager(x, *args, **kwargs)
@@ -419,15 +410,16 @@ class LoraLinear(AdapterLayer):
             y = torch.ops.fastpeft.adapter_linear(x2, W, self.base_layer.bias, *args)
             if not compiling:
                 if not mixed:
-                    self._fast = self._fast_plan(names, W, packed, ts, dora, x2.device.type)
+                    self._fast = self._fast_plan(names, W, packed, ts, dora)
                 else:
                     if len(self._fast_mixed) > 16:
                         self._fast_mixed.clear()
-                    self._fast_mixed[self._mixed] = self._fast_plan(names, W, packed, None, dora, x2.device.type)
+                    self._fast_mixed[self._mixed] = self._fast_plan(names, W, packed, None, dora)
         return y.reshape(*lead, N)
 
-    def _fast_plan(self, names, W, packed, ts, dora, devtype) -> tuple:
-        """Arguments of the eager fast path, and the tensors it checks before re-using them."""
+    def _fast_plan(self, names, W, packed, ts, dora):
+        """The eager fast path's plan (fastpeft.ops.fastpath): the operator's arguments, and the
+        tensors it checks before re-using them."""
         base = self.base_layer
         # everything a gradient could flow to: the fast path runs only while none is needed
         grad_params = [p for n in names for p in self._params_of(n)] + [base.weight]
@@ -449,9 +441,8 @@ class LoraLinear(AdapterLayer):
         if dora is not None:  # the DoRA scale depends on W, the adapters and the magnitudes
             ver_ts += [base.weight, packed["a"], packed["bt"]]
             ver_ts += [self.lora_magnitude_vector[n].weight for n in self._adapters if self.use_dora.get(n)]
-        return (
-            grad_params, ptr_ts, [t.data_ptr() for t in ptr_ts], ver_ts, [t._version for t in ver_ts] or None,
-            self.in_features, self.out_features, devtype, W, base.bias,
+        return _fastpath.make_plan(
+            grad_params, ptr_ts, ver_ts, self._identity_checks(names), self.in_features, self.out_features, W, base.bias,
             packed["a"], packed["bt"], packed["scales"], ts, dora,
         )
 

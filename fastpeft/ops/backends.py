@@ -39,6 +39,19 @@ _unavailable: dict[str, str] = {}  # backend -> reason
 _loaded: set[str] = set()
 _choice: str = "auto"
 _cache: dict[tuple[str, str], Callable] = {}
+_listeners: list[Callable[[], None]] = []
+
+
+def add_listener(fn: Callable[[], None]) -> None:
+    """Call ``fn()`` whenever what :func:`resolve` returns may change (a backend is registered
+    or chosen); layers' fast-path plans use it to drop a backend captured earlier."""
+    _listeners.append(fn)
+
+
+def _changed() -> None:
+    _cache.clear()
+    for fn in _listeners:
+        fn()
 
 
 def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("cpu", "cuda")) -> None:
@@ -50,14 +63,14 @@ def register(op: str, backend: str, fn: Callable, devices: tuple[str, ...] = ("c
         per_device[d] = fn
     _unavailable.pop(backend, None)
     _loaded.add(backend)
-    _cache.clear()
+    _changed()
 
 
 def mark_unavailable(backend: str, reason: str) -> None:
     """Record why ``backend`` cannot be used here (shown by ``available_backends``)."""
     if backend not in _loaded:
         _unavailable[backend] = reason
-    _cache.clear()
+    _changed()
 
 
 def _reason(backend: str) -> str | None:
@@ -87,7 +100,7 @@ def set_backend(name: str) -> None:
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {reason}")
     _choice = name
-    _cache.clear()
+    _changed()
 
 
 def get_backend() -> str:
