@@ -18,6 +18,7 @@
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/python_variable.h>
 
 #include <atomic>
 #include <optional>
@@ -110,7 +111,11 @@ struct LinearPlan {
   }
 
   // x [..., K] -> [..., N]; slots: the token slots of this call (mixed batches), else the plan's
-  py::object call(const at::Tensor& x, const OptTensor& call_slots) const {
+  // Only plain torch.Tensor inputs: subclasses (and anything else) take the general path,
+  // which dispatches them as torch.ops would.
+  py::object call(py::handle x_obj, const OptTensor& call_slots) const {
+    if (!THPVariable_CheckExact(x_obj.ptr())) return py::none();
+    const at::Tensor& x = THPVariable_Unpack(x_obj.ptr());
     if (!valid_for(x)) return py::none();
     const OptTensor& ts = call_slots.has_value() ? call_slots : slots;
     if (!ts.has_value()) return py::none();

@@ -251,3 +251,21 @@ def test_copy_and_pickle_of_a_layer_holding_a_plan(backend):
         loaded = torch.load(buf, weights_only=False)
         torch.testing.assert_close(loaded(x), y, atol=0, rtol=0)
         assert pickle.loads(pickle.dumps(_layer(fm)))(x).shape == (3, N)
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass: the C++ plan leaves it to the general path."""
+
+
+def test_tensor_subclass_inputs(backend):
+    _, fm = _models()
+    layer = _layer(fm)
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        expected = layer(x)
+        plan = layer._fast
+        xt = x.as_subclass(_Tagged)
+        if fastpath.module is not None and isinstance(plan, fastpath.module.LinearPlan):
+            assert plan(xt) is None
+        torch.testing.assert_close(layer(xt).as_subclass(torch.Tensor), expected, atol=0, rtol=0)
+        assert plan(torch.randn(1, K)) is not None  # declining a subclass retires nothing
