@@ -66,13 +66,15 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """Short commit of the working tree, with ``+dirty`` when it has uncommitted changes."""
+    """Short commit of the working tree, with ``+dirty`` when it has uncommitted changes
+    (results appended to ``bench/results/`` by earlier runs do not count)."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
         commit = sha.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                        ":(exclude,top)bench/results"], cwd=here, capture_output=True, text=True,
+                                       timeout=10)
         return commit + ("+dirty" if dirty.stdout.strip() else "")
     except Exception:  # no git
         return "unknown"
