@@ -73,8 +73,7 @@ def git_commit() -> str:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         commit = sha.stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                        ":(exclude,top)bench/results"], cwd=here, capture_output=True, text=True,
-                                       timeout=10)
+                                ":(exclude,top)bench/results"], cwd=here, capture_output=True, text=True, timeout=10)
         return commit + ("+dirty" if dirty.stdout.strip() else "")
     except Exception:  # no git
         return "unknown"
