@@ -269,3 +269,16 @@ def test_tensor_subclass_inputs(backend):
             assert plan(xt) is None
         torch.testing.assert_close(layer(xt).as_subclass(torch.Tensor), expected, atol=0, rtol=0)
         assert plan(torch.randn(1, K)) is not None  # declining a subclass retires nothing
+
+
+def test_without_the_compiled_fast_path_plans_run_in_python(monkeypatch):
+    """fastpeft._fastpath missing (not built): the same backend runs through a PyPlan."""
+    monkeypatch.setattr(fastpath, "module", None)
+    pm, fm = _models()
+    layer = _layer(fm)
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        first = layer(x)
+        assert isinstance(layer._fast, fastpath.PyPlan)
+        assert torch.equal(layer(x), first)
+        torch.testing.assert_close(first, pm.base_model.model.q(x), atol=ATOL, rtol=1e-5)
