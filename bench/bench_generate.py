@@ -261,33 +261,40 @@ TABLE = ["method", "batch", "adapters", "mixed", "tokens_per_s", "decode_ms", "d
 
 
 def plot(rows: list, path: str) -> Optional[str]:
+    """Decode tokens/s per method and scenario: a PNG with matplotlib, else an SVG (same stem)."""
+    groups = sorted({(r["batch"], r["adapters"]) for r in rows})
+    labels = [f"batch {b}, {n} adapter{'s' if n > 1 else ''}" for b, n in groups]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    series = {}
+    for m in methods:
+        vals = []
+        for gkey in groups:
+            r = next((r for r in rows if r["method"] == m and (r["batch"], r["adapters"]) == gkey), None)
+            vals.append(r["decode_tokens_per_s"] if r else None)
+        series[m] = vals
+    title = rows[0]["device"][:60]
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception as e:
-        print(f"plot skipped: matplotlib not importable ({type(e).__name__})")
-        return None
-    groups = sorted({(r["batch"], r["adapters"]) for r in rows})
+    except Exception:  # no matplotlib: the dependency-free SVG
+        from common import svg_bars  # type: ignore
+
+        return svg_bars(os.path.splitext(path)[0] + ".svg", title, labels, series, "decode tokens/s")
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     width = 0.8 / len(methods)
     for k, m in enumerate(methods):
-        xs, ys = [], []
-        for i, gkey in enumerate(groups):
-            r = next((r for r in rows if r["method"] == m and (r["batch"], r["adapters"]) == gkey), None)
-            if r:
-                xs.append(i + k * width)
-                ys.append(r["decode_tokens_per_s"])
-        ax.bar(xs, ys, width, label=m)
+        xs = [i + k * width for i, v in enumerate(series[m]) if v is not None]
+        ax.bar(xs, [v for v in series[m] if v is not None], width, label=m)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    ax.set_xticklabels([f"batch {b}, {n} adapter{'s' if n > 1 else ''}" for b, n in groups])
+    ax.set_xticklabels(labels)
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(rows[0]["device"][:60])
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
 
 

@@ -313,3 +313,54 @@ def plot_ratios(rows: list[dict], path: str, x: str = "tokens", panel_keys=("sha
     plt.close(fig)
     print(f"plot -> {path}")
     return path
+
+
+_SVG_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+
+
+def svg_bars(path: str, title: str, groups: list[str], series: dict, ylabel: str = "") -> str:
+    """Grouped bar chart as a standalone SVG file (no plotting library needed).
+
+    ``groups``: labels along x; ``series``: name -> one value (or None: no bar) per group.
+    Returns the path written."""
+    width, height, left, bottom, top = 760, 360, 60, 60, 40
+    plot_w, plot_h = width - left - 20, height - bottom - top
+    vmax = max([v for vals in series.values() for v in vals if v is not None] or [1.0]) * 1.1
+    gw = plot_w / max(len(groups), 1)
+    bw = gw * 0.8 / max(len(series), 1)
+
+    def esc(t) -> str:
+        return str(t).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="13">{esc(title)}</text>',
+           f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="black"/>',
+           f'<text x="14" y="{top + plot_h / 2}" transform="rotate(-90 14 {top + plot_h / 2})" '
+           f'text-anchor="middle">{esc(ylabel)}</text>']
+    for i in range(5):  # y ticks
+        v = vmax * i / 4
+        y = top + plot_h - plot_h * i / 4
+        label = f"{v:.0f}" if vmax >= 100 else f"{v:.3g}"
+        out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
+    for gi, g in enumerate(groups):
+        x0 = left + gi * gw + gw * 0.1
+        out.append(f'<text x="{left + gi * gw + gw / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{esc(g)}</text>')
+        for si, (name, vals) in enumerate(series.items()):
+            v = vals[gi]
+            if v is None:
+                continue
+            h = plot_h * v / vmax
+            out.append(f'<rect x="{x0 + si * bw:.1f}" y="{top + plot_h - h:.1f}" width="{bw * 0.95:.1f}" '
+                       f'height="{h:.1f}" fill="{_SVG_COLORS[si % len(_SVG_COLORS)]}"><title>{esc(name)}: {v:.4g}'
+                       f'</title></rect>')
+    for si, name in enumerate(series):  # legend
+        x = left + 10 + si * 110
+        out.append(f'<rect x="{x}" y="{height - 22}" width="10" height="10" fill="{_SVG_COLORS[si % len(_SVG_COLORS)]}"/>'
+                   f'<text x="{x + 14}" y="{height - 13}">{esc(name)}</text>')
+    out.append("</svg>")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(out))
+    return path
