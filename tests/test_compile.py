@@ -2,6 +2,8 @@
 recompilation when switching between loaded adapters or mixed-batch names (the slot tensors and
 stacks are graph inputs, not constants). CUDA graphs of decode steps when a GPU is present."""
 
+import copy
+
 import peft
 import pytest
 import torch
@@ -202,3 +204,73 @@ def test_cuda_graph_step_follows_set_adapter_and_mixed_batch():
             for _ in range(3):  # warm-up runs, then the recorded graph replays
                 got = compiled(input_ids=ids, use_cache=False).logits
             torch.testing.assert_close(got, step(), atol=1e-3, rtol=1e-3)
+
+
+def test_ia3_fullgraph_no_recompile_on_switch_mixed_and_add():
+    """IA3 layers under torch.compile read a stack of scales through the slot tensors: the same
+    graph serves every single adapter (and several active ones of the same count), mixed
+    batches of one size, and adapters added later (after prepare); outputs equal eager and
+    PEFT's."""
+    base, inputs = tiny("llama")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                                 feedforward_modules=["down_proj"]))
+    pm.add_adapter("b", peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    pm.add_adapter("c", peft.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    randomize_adapters(pm, seed=11)
+    pm.eval()
+    fm = fastpeft.get_peft_model(base, fastpeft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                         feedforward_modules=["down_proj"]))
+    fm.add_adapter("b", fastpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    fm.add_adapter("c", fastpeft.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    fm.load_state_dict(pm.state_dict())
+    fm.eval()
+    model = fm.get_base_model()
+    fastpeft.optimize.prepare(model)
+    kw = inputs(batch=3, seq=4)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**kw).logits, logits(pm, kw), atol=ATOL, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 1
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name in ("b", "c", "default"):
+                fm.set_adapter(name)
+                pm.set_adapter(name)
+                torch.testing.assert_close(compiled(**kw).logits, logits(pm, kw), atol=ATOL, rtol=1e-5)
+                torch.testing.assert_close(compiled(**kw).logits, _eager(model, kw), atol=0, rtol=0)
+            # an in-place update of a scale (the parameters view the stack) is seen
+            for m in (pm, fm):
+                m.base_model.model.model.layers[0].mlp.down_proj.ia3_l["default"].mul_(1.5)
+            torch.testing.assert_close(compiled(**kw).logits, logits(pm, kw), atol=ATOL, rtol=1e-5)
+        def per_row(names):  # PEFT, one row at a time with that row's adapter
+            out = []
+            for i, n in enumerate(names):
+                one = {k: v[i:i + 1] for k, v in kw.items()}
+                if n == "__base__":
+                    with pm.disable_adapter():
+                        out.append(logits(pm, one))
+                else:
+                    pm.set_adapter(n)
+                    out.append(logits(pm, one))
+            return torch.cat(out)
+
+        names = ["c", "__base__", "b"]
+        with fastpeft.mixed_batch(fm, names):  # another graph (per-row scales) ...
+            got = compiled(**kw).logits
+        torch.testing.assert_close(got, per_row(names), atol=ATOL, rtol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            names = ["default", "c", "c"]  # ... re-used by other names of that length
+            with fastpeft.mixed_batch(fm, names):
+                got = compiled(**kw).logits
+                torch.testing.assert_close(got, _eager(model, kw), atol=0, rtol=0)
+            torch.testing.assert_close(got, per_row(names), atol=ATOL, rtol=1e-5)
+            # a new adapter: one more slot (a dynamic size), packed eagerly by prepare
+            cfg = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+            pm.add_adapter("new", peft.IA3Config(**cfg))
+            fm.add_adapter("new", fastpeft.IA3Config(**cfg))
+            randomize_adapters(pm, seed=12)
+            fm.load_state_dict(pm.state_dict())
+            fastpeft.optimize.prepare(model)
+            fm.set_adapter("new")
+            pm.set_adapter("new")
+            torch.testing.assert_close(compiled(**kw).logits, logits(pm, kw), atol=ATOL, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 2

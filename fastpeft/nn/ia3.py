@@ -4,6 +4,12 @@ PEFT's name ``ia3_l.<name>``: shape [1, K] for feed-forward modules (scales the 
 [N, 1] otherwise (scales the output, bias included). Several active adapters multiply.
 The fused operator receives the product as ``input_scale`` [K] / ``output_scale`` [N], or
 per row ([M, K] / [M, N]) in a mixed batch.
+
+Under ``torch.compile`` the scales come from a stack ``[S + 1, D]`` of every adapter's vector
+(row S: ones, "no adapter"), indexed with the slot tensors that state changes keep current, so a
+compiled graph never reads adapter names: switching adapters, and mixed batches of one size,
+re-use it (as for the LoRA layers). The ``ia3_l`` parameters are views of their rows, so
+in-place updates are seen without repacking.
 """
 from __future__ import annotations
 
@@ -53,9 +59,75 @@ class IA3Linear(AdapterLayer):
         rows = [self.ia3_l[n].flatten() if n in self.ia3_l else ones for n in row_names]
         return torch.stack(rows)
 
+    # ----- the stack read by compiled forwards -----------------------------------------------
+    def _pack(self) -> None:
+        """Rows ``[S + 1, D]``: the adapters' vectors in slot order, then ones. Parameters of one
+        dtype and device become views of their rows; otherwise no stack is kept (compiled
+        forwards then take the name-based path)."""
+        names = self._adapters
+        params = [self.ia3_l[n] for n in names]
+        self._packed = {}
+        self._dirty = False
+        self._invalidate()
+        if not params or any(p.dtype != params[0].dtype or p.device != params[0].device for p in params):
+            return
+        d = self.in_features if self.is_feedforward else self.out_features
+        stack = torch.ones(len(names) + 1, d, dtype=params[0].dtype, device=params[0].device)
+        with torch.no_grad():
+            for s, (n, p) in enumerate(zip(names, params)):
+                stack[s].copy_(p.flatten())
+                self.ia3_l[n].data = stack[s].view(p.shape)
+        from torch._dynamo import maybe_mark_dynamic
+
+        maybe_mark_dynamic(stack, 0)  # adding/deleting adapters keeps the graph
+        self._packed = {"stack": stack, "ptrs": {n: self.ia3_l[n].data_ptr() for n in names}}
+
+    def _pack_stale(self) -> bool:
+        """Stack missing, or a parameter this forward uses replaced since it was made (eager
+        check of storage pointers; a compiled forward cannot make it)."""
+        if self._dirty or not self._packed:
+            return bool(self._adapters)
+        ptrs = self._packed["ptrs"]
+        used = self.active_adapters if self._mixed is None else dict.fromkeys(self._mixed)
+        return any(n in ptrs and ptrs[n] != self.ia3_l[n].data_ptr() for n in used)
+
+    def _traced_scales(self, x: Tensor, M: int):
+        """(input_scale, output_scale) for the fused operator from the stack and the slot
+        tensors, or None when the name-based path must run. Multiplies the active adapters'
+        rows one after the other, in PEFT's order (bit-equal to the eager product)."""
+        if self._dirty or not self._packed or self.disable_adapters or self.merged_adapters:
+            return None
+        stack = self._packed["stack"]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.ia3_l.values()):
+            return None  # training: the name-based path, through the parameters
+        none = stack.shape[0] - 1
+        ts = self.token_slots(M, x.shape[0] if x.dim() > 1 else 1)  # [1, J] or [M, 1]
+        idx = torch.where(ts < 0, none, ts).long()
+        if self._row_slots is None:
+            rows = stack.index_select(0, idx[0])  # [J, D]
+            scale = rows[0]
+            for j in range(1, rows.shape[0]):
+                scale = scale * rows[j]
+        else:
+            scale = stack.index_select(0, idx[:, 0])  # [M, D]
+        return (scale, None) if self.is_feedforward else (None, scale)
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if kwargs and "adapter_names" in kwargs:
             return self._forward_with_row_names(x, args, kwargs)
+        if torch.compiler.is_compiling():
+            if not args and not kwargs and self.kind != "quant" and fused_forward_ok(self.base_layer):
+                K, N = self.in_features, self.out_features
+                x2 = x.reshape(-1, K)
+                scales = self._traced_scales(x, x2.shape[0])
+                if scales is not None:
+                    W = self.base_layer.weight
+                    W = W.t() if self.kind == "conv1d" else W
+                    y = torch.ops.fastpeft.adapter_linear(x2, W, self.base_layer.bias, None, None, None, None, None,
+                                                          *scales)
+                    return y.reshape(*x.shape[:-1], N)
+        elif self._pack_stale():
+            self._pack()  # once per state change: ready for a compiled forward
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
