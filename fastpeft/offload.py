@@ -25,7 +25,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from .nn.base import AdapterLayer
+from .nn.base import AdapterLayer, packs_outside_inference_mode
 from .nn.lora import LoraLinear
 
 __all__ = ["keep_adapters_on_cpu", "AdapterOffload"]
@@ -130,6 +130,7 @@ class _OffloadedLora:
         B0 = lb if isinstance(lb, torch.Tensor) else lb.weight
         p["copies"][n] = (A0.data_ptr(), B0.data_ptr(), A0._version, B0._version)
 
+    @packs_outside_inference_mode
     def _pack(self) -> None:
         lru = self._lru
         names = [n for n in self._adapters if self._ready(n)]

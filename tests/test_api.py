@@ -190,6 +190,39 @@ def test_training_gradients_match_peft():
         torch.testing.assert_close(fg[n], pg[n], atol=1e-6, rtol=1e-4, msg=n)
 
 
+@pytest.mark.parametrize("kind", ["lora", "lora-embedding", "ia3"])
+def test_training_after_inference_mode_forward(kind):
+    """A forward under torch.inference_mode() packs the stacks that the parameters then view;
+    a later training step must still get PEFT's gradients (stacks made as inference tensors
+    would silently give none)."""
+    base, inputs = tiny("llama")
+    if kind == "ia3":
+        cfgs = (peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                fastpeft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    else:
+        targets = ["q_proj", "embed_tokens"] if kind == "lora-embedding" else ["q_proj", "down_proj"]
+        cfgs = (peft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False),
+                fastpeft.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    pm = peft.get_peft_model(fresh_copy(base), cfgs[0])
+    fm = fastpeft.get_peft_model(fresh_copy(base), cfgs[1])
+    randomize_adapters(pm, seed=3)
+    fm.load_state_dict(pm.state_dict())
+    kw = inputs()
+    fm.eval()
+    with torch.inference_mode():
+        fm(**kw)
+    assert not any(p.is_inference() for p in fm.parameters())
+    for m in (pm, fm):
+        m.train()
+        m(**kw, labels=kw["input_ids"]).loss.backward()
+    pg = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    fg = {n: p.grad for n, p in fm.named_parameters() if p.requires_grad}
+    assert pg.keys() == fg.keys() and pg
+    for n in pg:
+        assert fg[n] is not None, n
+        torch.testing.assert_close(fg[n], pg[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
 def test_add_switch_delete_and_state_dict(tmp_path):
     base, inputs = tiny("llama")
     model = fastpeft.with_adapters(base)

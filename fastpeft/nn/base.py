@@ -11,10 +11,27 @@ operator a ``token_slots`` tensor [M or 1, J] (J adapters per row, -1 = none):
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+
+
+def packs_outside_inference_mode(pack):
+    """Decorator of the layers' ``_pack``: the stacks are built as normal tensors even when the
+    forward that triggers packing runs under ``torch.inference_mode()``. Parameters become views
+    of the stacks, so stacks made as inference tensors would turn them into inference tensors,
+    and a later training step would silently get no gradients."""
+
+    @functools.wraps(pack)
+    def wrapper(self, *args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return pack(self, *args, **kwargs)
+        return pack(self, *args, **kwargs)
+
+    return wrapper
 
 BASE_NAMES = ("__base__", None)
 

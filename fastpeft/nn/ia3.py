@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..ops import _schema  # noqa: F401
 from ._base_kinds import base_kind, fused_forward_ok, in_out_features, weight_nk
-from .base import AdapterLayer
+from .base import AdapterLayer, packs_outside_inference_mode
 
 
 class IA3Linear(AdapterLayer):
@@ -60,6 +60,7 @@ class IA3Linear(AdapterLayer):
         return torch.stack(rows)
 
     # ----- the stack read by compiled forwards -----------------------------------------------
+    @packs_outside_inference_mode
     def _pack(self) -> None:
         """Rows ``[S + 1, D]``: the adapters' vectors in slot order, then ones. Parameters of one
         dtype and device become views of their rows; otherwise no stack is kept (compiled

@@ -33,7 +33,7 @@ from ..ops import _schema  # noqa: F401  (defines torch.ops.fastpeft.*)
 from ..ops import fastpath as _fastpath
 from ..ops.reference import dora_weight_norm
 from ._base_kinds import base_kind, fused_forward_ok, in_out_features, weight_nk
-from .base import AdapterLayer
+from .base import AdapterLayer, packs_outside_inference_mode
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -180,6 +180,7 @@ class LoraLinear(AdapterLayer):
         return any(self.use_dora.get(n, False) for n in self._adapters)
 
     # ----- packing for the fused operators ------------------------------------------------------
+    @packs_outside_inference_mode
     def _pack(self) -> None:
         names = self._adapters
         K, N = self.in_features, self.out_features
@@ -680,6 +681,7 @@ class LoraEmbedding(AdapterLayer):
         if name in self.lora_dropout:
             del self.lora_dropout[name]
 
+    @packs_outside_inference_mode
     def _pack(self):
         names = self._adapters
         As = [self.lora_embedding_A[n] for n in names]
