@@ -559,12 +559,28 @@ def _reoptimize_after_adding(model: nn.Module, strict: bool) -> None:
         return
     new_cls = _reoptimizing_classes.get(cls)
     if new_cls is None:
-        attrs = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_fastpeft_reoptimizes": True}
+        attrs = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "_fastpeft_reoptimizes": True,
+                 "__reduce_ex__": _reduce_reoptimizing}
         for n in names:
             attrs[n] = _reoptimizing(getattr(cls, n))
         new_cls = type(cls.__name__, (cls,), attrs)
         _reoptimizing_classes[cls] = new_cls
     model.__class__ = new_cls
+
+
+def _reduce_reoptimizing(self, protocol):
+    """Pickle support: the class made by :func:`_reoptimize_after_adding` cannot be pickled by
+    reference (it carries its base's name), so the model is pickled as its base class and
+    turned back into the re-optimizing class when unpickled."""
+    base = type(self).__mro__[1]
+    return _unpickle_reoptimizing, (base, self.__getstate__())
+
+
+def _unpickle_reoptimizing(base: type, state: dict) -> nn.Module:
+    model = base.__new__(base)
+    model.__setstate__(state)
+    _reoptimize_after_adding(model, getattr(model, "_fastpeft_strict", False))
+    return model
 
 
 def _reoptimizing(original):

@@ -507,3 +507,22 @@ def test_disabled_state_scaling_and_several_active_are_carried_over():
     pm.base_model.enable_adapter_layers()
     assert pm.base_model.model.model.layers[0].self_attn.q_proj.active_adapters == ["default", "b"]
     torch.testing.assert_close(logits(pm, kw), expected, atol=ATOL, rtol=1e-5)
+
+
+def test_optimized_model_pickles_and_keeps_reoptimizing(tmp_path):
+    """torch.save / pickle of a whole model after optimize(): same outputs after loading, and
+    adapters added to the loaded model still become fastpeft layers."""
+    import pickle
+
+    pm, _, inputs, names, _ = _peft_model("llama-lora-mixed")
+    kw = inputs(batch=2, seq=4)
+    fastpeft.optimize(pm)
+    expected = logits(pm, kw)
+    path = tmp_path / "model.pt"
+    torch.save(pm, path)
+    for loaded in (torch.load(path, weights_only=False), pickle.loads(pickle.dumps(pm)), copy.deepcopy(pm)):
+        assert isinstance(loaded, type(pm).__mro__[1]) and getattr(type(loaded), "_fastpeft_reoptimizes", False)
+        torch.testing.assert_close(logits(loaded, kw), expected, atol=0, rtol=0)
+        loaded.add_adapter("late", peft.LoraConfig(r=2, target_modules=["k_proj"]))
+        layer = loaded.base_model.model.model.layers[0].self_attn.k_proj
+        assert isinstance(layer, AdapterLayer) and "late" in layer.lora_A
