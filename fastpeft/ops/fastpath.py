@@ -109,11 +109,16 @@ class PyPlan:
         return y.view(*x.shape[:-1], self.N)
 
 
-def make_plan(*args):
-    """A plan for a LoRA linear layer (arguments as :class:`PyPlan`): the C++ one when the
-    compiled fast path is loaded and the backend for the weight's device is the compiled
-    operator, else a :class:`PyPlan`."""
-    weight = args[6]
+def make_plan(grad_params, ptr_tensors, version_tensors, identity_checks, in_features, out_features, weight,
+              bias, lora_a, lora_b, slot_scales, token_slots, dora_scale):
+    """A plan for a LoRA linear layer: the C++ ``LinearPlan`` when the compiled fast path is
+    loaded and the backend for the weight's device is the compiled operator, else a
+    :class:`PyPlan`. Arguments: what a gradient could flow to; tensors whose storage must not
+    move; tensors that must not be written (copies in the stacks); ``(dict, key, object)``
+    identity checks; then the operator's arguments (``token_slots`` None for mixed batches,
+    whose slots come with each call)."""
+    args = (grad_params, ptr_tensors, version_tensors, identity_checks, in_features, out_features, weight, bias,
+            lora_a, lora_b, slot_scales, token_slots, dora_scale)
     if module is not None:
         from . import cpp
 
