@@ -282,3 +282,22 @@ def test_without_the_compiled_fast_path_plans_run_in_python(monkeypatch):
         assert isinstance(layer._fast, fastpath.PyPlan)
         assert torch.equal(layer(x), first)
         torch.testing.assert_close(first, pm.base_model.model.q(x), atol=ATOL, rtol=1e-5)
+
+
+def test_scaling_changed_in_place_is_seen(backend):
+    """PEFT's set_scale / scale_layer assign new values in ``layer.scaling``; a plan built
+    before must not keep the old scale."""
+    pm, fm = _models()
+    layer = _layer(fm)
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        layer(x)
+        plan = layer._fast
+        for m in (pm, fm):
+            m.base_model.model.q.scaling["a"] = 0.37
+        assert plan(x) is None
+        torch.testing.assert_close(layer(x), pm.base_model.model.q(x), atol=ATOL, rtol=1e-5)
+        torch.testing.assert_close(layer(x), pm.base_model.model.q(x), atol=ATOL, rtol=1e-5)  # via the new plan
+        pm.base_model.model.q.scale_layer(2.0)
+        layer.scaling["a"] *= 2.0
+        torch.testing.assert_close(layer(x), pm.base_model.model.q(x), atol=ATOL, rtol=1e-5)

@@ -208,7 +208,8 @@ class LoraLinear(AdapterLayer):
                     copies[n] = (A0.data_ptr(), B0.data_ptr(), A0._version, B0._version)
         scales = torch.tensor([self._scale(n) for n in names], dtype=torch.float32, device=device)
         _dynamic_slots_and_rank(a, bt, scales)
-        self._packed = dict(a=a, bt=bt, scales=scales, ptrs=ptrs, copies=copies, versions=self._versions())
+        self._packed = dict(a=a, bt=bt, scales=scales, ptrs=ptrs, copies=copies, versions=self._versions(),
+                            scale_src={n: self.scaling[n] for n in names})
         self._dora_cache.clear()
         self._dirty = False
         self._invalidate()
@@ -222,6 +223,8 @@ class LoraLinear(AdapterLayer):
     def _pack_stale(self, names) -> bool:
         if self._dirty or not self._packed:
             return True
+        if self._scaling_changed(names):
+            return True
         ptrs, copies = self._packed["ptrs"], self._packed["copies"]
         for n in names:
             A, B = self.lora_A[n].weight, self.lora_B[n].weight
@@ -234,6 +237,12 @@ class LoraLinear(AdapterLayer):
             if c is None or c != (A.data_ptr(), B.data_ptr(), A._version, B._version):
                 return True
         return False
+
+    def _scaling_changed(self, names) -> bool:
+        """Whether ``scaling`` changed in place (PEFT's set_scale / scale_layer do) since the
+        stacks' scales were made."""
+        src = self._packed.get("scale_src")
+        return src is not None and any(n in src and self.scaling[n] != src[n] for n in names)
 
     def _ensure_packed(self, names) -> Optional[dict]:
         """The packed stacks, rebuilt first if stale. Under torch.compile nothing is checked
@@ -383,6 +392,11 @@ class LoraLinear(AdapterLayer):
         y = torch.ops.fastpeft.adapter_linear(x2, W, self.base_layer.bias, packed["a"], packed["bt"],
                                               packed["scales"], ts, dora, None, None)
         return y.reshape(*x.shape[:-1], N)
+
+    def _identity_checks(self, names) -> list:
+        # plus the scaling values: a new value in `layer.scaling` (PEFT's set_scale/scale_layer
+        # assign one) retires the plan, and the general path repacks the scales
+        return super()._identity_checks(names) + [(self.scaling, n, self.scaling[n]) for n in names if n in self.scaling]
 
     def _adapter_params(self) -> list:
         return [p for n in self._adapters for p in self._params_of(n)]
@@ -620,7 +634,8 @@ class AdaLoraLinear(LoraLinear):
         )
 
     def _pack_stale(self, names):
-        return self._dirty or not self._packed or self._packed["versions"] != self._versions()
+        return (self._dirty or not self._packed or self._packed["versions"] != self._versions()
+                or self._scaling_changed(names))
 
     def _lora_out(self, name, x):
         d = self.lora_dropout[name](x)
