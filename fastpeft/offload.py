@@ -151,6 +151,7 @@ class _OffloadedLora:
                 self._copy_into_slot(n, slot)
         self._dora_cache.clear()
         self._dirty = False
+        self._set_page_table(None)  # the device slots are plain stacks at the largest rank
         self._invalidate()
 
     def _pack_stale(self, names) -> bool:

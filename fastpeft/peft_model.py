@@ -26,6 +26,42 @@ class AdapterModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    # PEFT's tuner-level API (LoraModel & co.): ``model.base_model.set_adapter([...])`` is how
+    # PEFT users activate several adapters at once
+    @property
+    def active_adapters(self) -> list[str]:
+        return tuner.active_adapters(self.model)
+
+    @property
+    def active_adapter(self):
+        act = self.active_adapters
+        return act[0] if len(act) == 1 else act
+
+    def set_adapter(self, adapter_name) -> None:
+        """Make ``adapter_name`` (a name or a list of names, whose deltas add up) active."""
+        tuner.set_adapter(self.model, adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        tuner.delete_adapter(self.model, adapter_name)
+
+    def enable_adapter_layers(self) -> None:
+        tuner.enable_adapters(self.model, True)
+
+    def disable_adapter_layers(self) -> None:
+        tuner.enable_adapters(self.model, False)
+
+    def merge_adapter(self, adapter_names=None) -> None:
+        tuner.merge(self.model, adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        tuner.unmerge(self.model)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
+        return tuner.unload(self.model, merge_first=True, adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unload(self) -> nn.Module:
+        return tuner.unload(self.model, merge_first=False)
+
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)

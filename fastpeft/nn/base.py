@@ -339,7 +339,10 @@ class AdapterLayer(nn.Module):
         return out
 
     def train(self, mode: bool = True):
-        self._dirty = True
+        # the plans are dropped (dropout now applies or not); the stacks stay: parameters
+        # replaced or written while training are found by the staleness checks of the next
+        # fused forward, so eval() after training costs no repack of hundreds of adapters
+        self._invalidate()
         return super().train(mode)
 
     # ----- token_slots ----------------------------------------------------------------------

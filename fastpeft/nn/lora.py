@@ -33,6 +33,7 @@ from ..ops import _schema  # noqa: F401  (defines torch.ops.fastpeft.*)
 from ..ops import fastpath as _fastpath
 from ..ops.reference import dora_weight_norm
 from ._base_kinds import base_kind, fused_forward_ok, in_out_features, weight_nk
+from . import paging
 from .base import AdapterLayer, packs_outside_inference_mode
 
 _is_compiling = torch.compiler.is_compiling
@@ -69,6 +70,9 @@ class LoraLinear(AdapterLayer):
     _active_need_composite = False  # flags kept by _refresh_slots for the compiled path
     _all_need_composite = False
     _any_dora = False
+    _page_table: Optional[Tensor] = None  # slot -> pages of the stacks (fastpeft.nn.paging); None: unpaged
+    _active_pages: Optional[Tensor] = None  # the active slots as pages, while paged
+    _slot0: Optional[Tensor] = None  # [[0]]: the slots of a one-adapter view (_adapter_view)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -190,29 +194,80 @@ class LoraLinear(AdapterLayer):
         for t in As + Bs:
             dtype = torch.promote_types(dtype, t.dtype)
         device = As[0].device
-        R = max(a.shape[0] for a in As)
-        a = torch.zeros(len(names), R, K, dtype=dtype, device=device)
-        bt = torch.zeros(len(names), R, N, dtype=dtype, device=device)
+        ranks = [a.shape[0] for a in As]
+        # rows per page (fastpeft.nn.paging): the largest rank (one page per adapter, the plain
+        # stacks) unless the ranks differ so much that padding to it wastes memory. DoRA's
+        # per-slot output scale does not distribute over pages: DoRA layers stay unpaged.
+        c = max(ranks) if self._has_dora() else paging.choose_page_rows(ranks)
+        starts = paging.page_starts(ranks, c)
+        pages = starts[-1]
+        a = torch.zeros(pages, c, K, dtype=dtype, device=device)
+        bt = torch.zeros(pages, c, N, dtype=dtype, device=device)
+        flat_a, flat_bt = a.view(pages * c, K), bt.view(pages * c, N)  # an adapter's pages are consecutive rows
         ptrs, copies = {}, {}
         with torch.no_grad():
             for s, (n, A, B) in enumerate(zip(names, As, Bs)):
-                r = A.shape[0]
-                a[s, :r].copy_(A)
-                bt[s, :r].copy_(B.t())
+                o, r = starts[s] * c, A.shape[0]
+                flat_a[o:o + r].copy_(A)
+                flat_bt[o:o + r].copy_(B.t())
                 if self._aliasable(n) and A.dtype == dtype and B.dtype == dtype and A.device == device and B.device == device:
-                    self.lora_A[n].weight.data = a[s, :r]
-                    self.lora_B[n].weight.data = bt[s, :r].t()
+                    self.lora_A[n].weight.data = flat_a[o:o + r]
+                    self.lora_B[n].weight.data = flat_bt[o:o + r].t()
                     ptrs[n] = (self.lora_A[n].weight.data_ptr(), self.lora_B[n].weight.data_ptr())
                 elif self._aliasable(n):  # a copy in the stacks: watch the parameters' versions
                     A0, B0 = self.lora_A[n].weight, self.lora_B[n].weight
                     copies[n] = (A0.data_ptr(), B0.data_ptr(), A0._version, B0._version)
-        scales = torch.tensor([self._scale(n) for n in names], dtype=torch.float32, device=device)
+        scales = torch.tensor([self._scale(n) for n, r in zip(names, ranks) for _ in range(-(-r // c))],
+                              dtype=torch.float32, device=device)
         _dynamic_slots_and_rank(a, bt, scales)
         self._packed = dict(a=a, bt=bt, scales=scales, ptrs=ptrs, copies=copies, versions=self._versions(),
-                            scale_src={n: self.scaling[n] for n in names})
+                            scale_src={n: self.scaling[n] for n in names}, starts=starts)
         self._dora_cache.clear()
         self._dirty = False
+        self._set_page_table(None if pages == len(names) else paging.build_page_table(ranks, c, device))
         self._invalidate()
+
+    def _set_page_table(self, table: Optional[Tensor]) -> None:
+        """Install the slot -> pages map of the stacks just packed (None: one page per slot) and
+        bring the page tensors derived from the slot tensors up to date."""
+        self._page_table = table
+        if table is not None:
+            import torch._dynamo
+
+            torch._dynamo.maybe_mark_dynamic(table, 0)
+            torch._dynamo.maybe_mark_dynamic(table, 1)
+        self._slots_cache.clear()  # mixed-batch slots derived through the old table
+        self._sync_active_pages()
+
+    def _sync_active_pages(self) -> None:
+        """``_active_pages``: the active slots ``[1, J]`` as pages ``[1, J * P_max]`` (None when
+        the stacks are unpaged), updated in place when the shape allows (a captured CUDA graph
+        reads it, as it reads ``_active_slots``)."""
+        table = None if self._dirty else self._page_table
+        if table is None or self._active_slots is None:
+            self._active_pages = None
+            return
+        new = paging.slots_to_pages(table, self._active_slots.to(table.device))
+        old = self._active_pages
+        if old is not None and old.shape == new.shape and old.device == new.device and not old.is_inference():
+            old.copy_(new)
+        else:
+            import torch._dynamo
+
+            torch._dynamo.maybe_mark_dynamic(new, 1)
+            self._active_pages = new
+
+    def token_slots(self, rows: int, batch: int, device=None) -> Optional[Tensor]:
+        """As ``AdapterLayer.token_slots``, in pages when the stacks are paged: ``[1, J * P_max]``
+        for the active adapters, ``[rows, P_max]`` in a mixed batch."""
+        if self._row_slots is None and self._active_pages is not None:
+            return self._active_pages
+        return super().token_slots(rows, batch, device)
+
+    def _derive_slots(self, rs: Tensor, rows: int, batch: int) -> Tensor:
+        ts = super()._derive_slots(rs, rows, batch)
+        table = None if self._dirty else self._page_table  # stale while an add/delete awaits the repack
+        return paging.slots_to_pages(table, ts)
 
     def _aliasable(self, name: str) -> bool:
         return True
@@ -360,6 +415,7 @@ class LoraLinear(AdapterLayer):
         )
         self._all_need_composite = any(self.lora_bias.get(n) for n in self._adapters)
         self._any_dora = any(self.use_dora.get(n) for n in self._adapters)
+        self._sync_active_pages()
 
     def _forward_traced(self, x: Tensor, *args, **kwargs) -> Tensor:
         """The forward as torch.compile traces it: reads the slot tensors, the stacks and flags
@@ -414,7 +470,10 @@ class LoraLinear(AdapterLayer):
         dora = self._dora_scale(x.dtype)
         if dora is False:  # under torch.compile without a cached DoRA scale
             return self._forward_composite(x, names)
-        args = (packed["a"], packed["bt"], packed["scales"], ts, dora, None, None)
+        a, bt, scales = packed["a"], packed["bt"], packed["scales"]
+        if self._page_table is not None and not mixed and len(names) == 1 and not compiling and x.device.type == "cpu":
+            a, bt, scales, ts = self._adapter_view(names[0])
+        args = (a, bt, scales, ts, dora, None, None)
         if self.kind == "quant":
             from ..quant.layers import quantized_adapter_linear
 
@@ -425,12 +484,29 @@ class LoraLinear(AdapterLayer):
             y = torch.ops.fastpeft.adapter_linear(x2, W, self.base_layer.bias, *args)
             if not compiling:
                 if not mixed:
-                    self._fast = self._fast_plan(names, W, packed, ts, dora)
+                    self._fast = self._fast_plan(names, W, dict(packed, a=a, bt=bt, scales=scales), ts, dora)
                 else:
                     if len(self._fast_mixed) > 16:
                         self._fast_mixed.clear()
                     self._fast_mixed[self._mixed] = self._fast_plan(names, W, packed, None, dora)
         return y.reshape(*lead, N)
+
+    def _adapter_view(self, name: str):
+        """One adapter of paged stacks as a one-slot stack of its own: views ``[1, n * c, K]`` /
+        ``[1, n * c, N]`` of its ``n`` consecutive pages, its scale ``[1]`` and slots ``[[0]]``.
+        One low-rank product instead of one per page (CPU decode, one adapter of rank 16 in
+        pages of 4: 45.6 -> 37.8 us a layer, docs/perf-notes.md). Eager CPU forwards only: a
+        CUDA graph captured with these views would not follow set_adapter."""
+        packed = self._packed
+        s, starts = self.slot_of(name), packed["starts"]
+        p0, p1 = starts[s], starts[s + 1]
+        a, bt = packed["a"], packed["bt"]
+        rows = (p1 - p0) * a.shape[1]
+        one = self._slot0  # not in `packed`: compiled code guards on that dict's length
+        if one is None or one.device != a.device:
+            one = self._slot0 = torch.zeros(1, 1, dtype=torch.int32, device=a.device)
+        return (a[p0:p1].view(1, rows, a.shape[2]), bt[p0:p1].view(1, rows, bt.shape[2]),
+                packed["scales"][p0:p0 + 1], one)
 
     def _fast_plan(self, names, W, packed, ts, dora):
         """The eager fast path's plan (fastpeft.ops.fastpath): the operator's arguments, and the
