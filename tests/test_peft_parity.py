@@ -187,3 +187,40 @@ def test_dora_merge_matches(tmp_path):
     expected = logits(fm, kw)
     merged = fm.merge_and_unload()
     torch.testing.assert_close(logits(merged, kw), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tuner_level_api_on_base_model_as_in_peft():
+    """PEFT users reach the tuner (LoraModel) as ``model.base_model``: several active adapters,
+    disabling the adapter layers, merging and deleting there behave as in PEFT."""
+    base, inputs = tiny("llama")
+    pm = peft.get_peft_model(fresh_copy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    pm.add_adapter("other", peft.LoraConfig(r=6, lora_alpha=3, target_modules=["q_proj", "down_proj"]))
+    randomize_adapters(pm, seed=5)
+    fm = fastpeft.get_peft_model(fresh_copy(base), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    fm.add_adapter("other", fastpeft.LoraConfig(r=6, lora_alpha=3, target_modules=["q_proj", "down_proj"]))
+    fm.load_state_dict(pm.state_dict())
+    pm.eval()
+    fm.eval()
+    kw = inputs(batch=2, seq=5)
+    for m in (pm, fm):
+        m.base_model.set_adapter(["default", "other"])
+    assert fm.base_model.active_adapters == pm.base_model.active_adapters == ["default", "other"]
+    assert fm.active_adapters == ["default", "other"]
+    torch.testing.assert_close(logits(fm, kw), logits(pm, kw), atol=ATOL, rtol=1e-5)
+    for m in (pm, fm):
+        m.base_model.disable_adapter_layers()
+    torch.testing.assert_close(logits(fm, kw), logits(pm, kw), atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(logits(fm, kw), logits(base, kw), atol=ATOL, rtol=1e-5)
+    for m in (pm, fm):
+        m.base_model.enable_adapter_layers()
+        m.base_model.set_adapter("other")
+        m.base_model.merge_adapter()
+    torch.testing.assert_close(logits(fm, kw), logits(pm, kw), atol=1e-4, rtol=1e-4)
+    for m in (pm, fm):
+        m.base_model.unmerge_adapter()
+    pm.delete_adapter("default")  # PEFT's own PeftModel keeps a stale active name after base_model.delete_adapter
+    fm.base_model.delete_adapter("default")
+    assert "default" not in fm.peft_config and "default" not in pm.peft_config
+    torch.testing.assert_close(logits(fm, kw), logits(pm, kw), atol=ATOL, rtol=1e-5)
+    merged_f, merged_p = fm.base_model.merge_and_unload(), pm.base_model.merge_and_unload()
+    torch.testing.assert_close(logits(merged_f, kw), logits(merged_p, kw), atol=1e-4, rtol=1e-4)
