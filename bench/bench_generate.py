@@ -109,15 +109,25 @@ def build_base(config: dict, dtype: torch.dtype, device: torch.device, seed: int
     return model
 
 
-def make_peft_adapters(base, n: int, rank: int, folder: str, targets=TARGETS, seed: int = 1) -> list:
+def adapter_rank(i: int, rank: int, mixed_ranks: bool) -> int:
+    """Rank of adapter ``a<i>``: ``rank``, or with ``mixed_ranks`` rank, rank - 1, ..., 1, rank, ...
+    (a0, the batch-1 adapter, has the largest)."""
+    return rank - i % rank if mixed_ranks else rank
+
+
+def make_peft_adapters(base, n: int, rank: int, folder: str, targets=TARGETS, seed: int = 1,
+                       mixed_ranks: bool = False) -> list:
     """``n`` LoRA adapters made by peft (random non-zero weights) saved in PEFT's format under
     ``folder/a<i>``; returns their folders."""
     import peft
 
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets),
-                             adapter_name="a0")
+    def cfg(i):
+        r = adapter_rank(i, rank, mixed_ranks)
+        return peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)
+
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg(0), adapter_name="a0")
     for i in range(1, n):
-        pm.add_adapter(f"a{i}", peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+        pm.add_adapter(f"a{i}", cfg(i))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -190,22 +200,33 @@ def scenarios(batch: int, n_adapters: int) -> list:
     return rows
 
 
+def stack_memory(model) -> tuple:
+    """(bytes of fastpeft's LoRA stacks, bytes of the adapters' own weights) of a packed model."""
+    from fastpeft.nn import LoraLinear
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear) and m._packed]
+    stack = sum(m._packed["a"].nbytes + m._packed["bt"].nbytes for m in layers)
+    own = sum(p.numel() * p.element_size() for m in layers for n in m._adapters for p in m._params_of(n))
+    return stack, own
+
+
 def run(config: dict, device: torch.device, dtype: torch.dtype, batch: int, n_adapters: int, rank: int,
-        new_tokens: int, prompt_len: int, repeats: int, methods=METHODS, log=print) -> list:
+        new_tokens: int, prompt_len: int, repeats: int, methods=METHODS, log=print, mixed_ranks: bool = False) -> list:
     """Time every method on every scenario; returns the result rows (medians)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = build_base(config, dtype, device)
         n_params = sum(p.numel() for p in base.parameters())
         with tempfile.TemporaryDirectory() as tmp:
-            folders = make_peft_adapters(base, n_adapters, rank, tmp)
+            folders = make_peft_adapters(base, n_adapters, rank, tmp, mixed_ranks=mixed_ranks)
             models = build_methods(base, folders, methods)
     del base
     g = torch.Generator().manual_seed(0)
     label = device_label(device)
     date = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     commit = git_commit()
-    cfg_text = json.dumps(dict(config, params=n_params, dtype=str(dtype).replace("torch.", ""), rank=rank,
+    ranks = f"{rank}..1 cycling" if mixed_ranks else rank
+    cfg_text = json.dumps(dict(config, params=n_params, dtype=str(dtype).replace("torch.", ""), rank=ranks,
                                targets="all-linear", new_tokens=new_tokens, prompt=prompt_len), separators=(",", ":"))
     rows = []
     for b, n, names in scenarios(batch, n_adapters):
@@ -239,6 +260,12 @@ def run(config: dict, device: torch.device, dtype: torch.dtype, batch: int, n_ad
                 r[key + "_e2e"] = round(r["full_ms"] / o["full_ms"], 3) if o else ""
         rows += group
         log(f"  batch {b}, {n} adapter(s){' mixed' if names else ''}: done")
+    for m in ("fastpeft", "optimize"):
+        if m in models:
+            stack, own = stack_memory(models[m])
+            if own:
+                log(f"  {m}: adapter stacks {stack / 1e6:.2f} MB for {own / 1e6:.2f} MB of adapter weights "
+                    f"({stack / own:.3f}x)")
     return rows
 
 
@@ -307,6 +334,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None, help="rows of the large batch (CPU 16, GPU 32)")
     p.add_argument("--adapters", type=int, default=None, help="distinct adapters of the mixed batch (default: batch)")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--mixed-ranks", action="store_true",
+                   help="adapter ranks rank, rank-1, ..., 1 cycling (a0: the largest) instead of all equal")
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--repeats", type=int, default=None)
@@ -332,9 +361,10 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.quick else (10 if gpu else 5))
     methods = tuple(m for m in args.methods.split(",") if m)
     print(f"device: {device_label(device)}; model {config}; {dtype}; batch 1 and {batch}; {n_adapters} adapters "
-          f"rank {args.rank}; {new_tokens} new tokens; {repeats} repeats")
+          f"rank {args.rank}{' down to 1' if args.mixed_ranks else ''}; {new_tokens} new tokens; {repeats} repeats")
     t0 = time.time()
-    rows = run(config, device, dtype, batch, n_adapters, args.rank, new_tokens, args.prompt, repeats, methods)
+    rows = run(config, device, dtype, batch, n_adapters, args.rank, new_tokens, args.prompt, repeats, methods,
+               mixed_ranks=args.mixed_ranks)
     print_table(rows, TABLE)
     stem = f"generate-{'gpu' if gpu else 'cpu'}-{_dt.datetime.now():%Y-%m-%d}" + ("-quick" if args.quick else "")
     path = write_rows(rows, args.out or os.path.join(RESULTS_DIR, stem + ".csv"))

@@ -37,7 +37,6 @@ layer before anything is replaced, so a failed call leaves the model untouched.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
@@ -202,7 +201,6 @@ class LoraLinear(_PeftLayerAPI, _LoraLinear):
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()  # PEFT's LoraLayer has them (empty) on linears
         self.lora_embedding_B = nn.ParameterDict()
-        self.use_rslora: dict = {}
         self.lora_variant: dict = {}
         self._caches: dict = {}
         self.kwargs: dict = {}
@@ -218,46 +216,16 @@ class LoraLinear(_PeftLayerAPI, _LoraLinear):
             use_rslora=config.use_rslora, use_dora=config.use_dora, lora_bias=config.lora_bias,
             init_lora_weights=config.init_lora_weights,
         )
-        self.use_rslora[adapter_name] = bool(config.use_rslora)
         if config.use_dora:
             from peft.tuners.lora.variants import DoraLinearVariant
 
             self.lora_variant[adapter_name] = DoraLinearVariant()
         self.set_adapter(list(self._active), inference_mode=config.inference_mode)
 
-    def _remove(self, name: str) -> None:
-        super()._remove(name)
-        self.use_rslora.pop(name, None)
-
     def get_delta_weight(self, adapter: str) -> Tensor:
         """PEFT's ``get_delta_weight``: ``scaling * B @ A`` in the base weight's layout."""
         d = self._delta_weight(adapter)
         return d.t() if self.fan_in_fan_out else d
-
-    def set_scale(self, adapter: str, scale: float) -> None:
-        if adapter not in self.scaling:
-            return
-        base = self.lora_alpha[adapter] / (math.sqrt(self.r[adapter]) if self.use_rslora.get(adapter) else self.r[adapter])
-        self.scaling[adapter] = scale * base
-        self._dirty = True
-
-    def scale_layer(self, scale: float) -> None:
-        if scale == 1:
-            return
-        for a in self._active:
-            if a in self.lora_A:
-                self.scaling[a] *= scale
-        self._dirty = True
-
-    def unscale_layer(self, scale=None) -> None:
-        for a in self._active:
-            if a not in self.lora_A:
-                continue
-            if scale is None:
-                self.set_scale(a, 1.0)
-            else:
-                self.scaling[a] /= scale
-        self._dirty = True
 
 
 class AdaLoraLinear(_PeftLayerAPI, _AdaLoraLinear):

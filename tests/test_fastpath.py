@@ -301,3 +301,37 @@ def test_scaling_changed_in_place_is_seen(backend):
         pm.base_model.model.q.scale_layer(2.0)
         layer.scaling["a"] *= 2.0
         torch.testing.assert_close(layer(x), pm.base_model.model.q(x), atol=ATOL, rtol=1e-5)
+
+
+def test_peft_scale_api_on_native_layers(backend):
+    """fastpeft's own LoRA layers have PEFT's set_scale / scale_layer / unscale_layer, with the
+    same scalings as PEFT's layer (rsLoRA included) and outputs that follow them."""
+    torch.manual_seed(3)
+    base = TwoLinear().eval()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"]), adapter_name="a")
+    pm.add_adapter("b", peft.LoraConfig(r=9, lora_alpha=3, use_rslora=True, target_modules=["q"]))
+    fm = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"]),
+                                 adapter_name="a")
+    fm.add_adapter("b", fastpeft.LoraConfig(r=9, lora_alpha=3, use_rslora=True, target_modules=["q"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+    fm.load_state_dict(pm.state_dict())
+    pm.eval()
+    fm.eval()
+    pl, fl = pm.base_model.model.q, _layer(fm)
+    x = torch.randn(3, K)
+    steps = [("set_scale", ("b", 0.25)), ("set_scale", ("a", 3.0)), ("scale_layer", (0.5,)),
+             ("unscale_layer", (0.5,)), ("unscale_layer", (None,))]
+    for active in (["a"], ["b"], ["a", "b"]):
+        for m in (pm, fm):
+            m.base_model.set_adapter(active)
+        for meth, args in steps:
+            with torch.no_grad():
+                fm(x)  # a plan exists before each change
+            getattr(pl, meth)(*args)
+            getattr(fl, meth)(*args)
+            assert fl.scaling == pytest.approx(pl.scaling), (active, meth, args)
+            with torch.no_grad():
+                torch.testing.assert_close(fm(x), pm(x), atol=ATOL, rtol=1e-5)

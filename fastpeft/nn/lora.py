@@ -86,6 +86,7 @@ class LoraLinear(AdapterLayer):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
         self._packed: dict = {}
@@ -117,6 +118,7 @@ class LoraLinear(AdapterLayer):
         K, N = self.in_features, self.out_features
         self.r[name], self.lora_alpha[name] = r, lora_alpha
         self.scaling[name] = _lora_scaling(r, lora_alpha, use_rslora)
+        self.use_rslora[name] = bool(use_rslora)
         self.use_dora[name], self.lora_bias[name] = bool(use_dora), bool(lora_bias)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.lora_A[name] = nn.Linear(K, r, bias=False, device=device, dtype=dtype)
@@ -149,7 +151,7 @@ class LoraLinear(AdapterLayer):
                 nn.init.zeros_(B.bias)
 
     def _remove(self, name: str) -> None:
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_dora, self.lora_bias):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.lora_bias):
             d.pop(name, None)
         if name in self.lora_dropout:
             del self.lora_dropout[name]
@@ -157,6 +159,34 @@ class LoraLinear(AdapterLayer):
 
     def _frozen_param(self, name, p):
         return False
+
+    # ----- PEFT's scale API (LoraLayer.set_scale / scale_layer / unscale_layer) ------------------
+    # The next eager forward sees the new values (the plans check them, the stacks' scales are
+    # repacked); a compiled graph after `fastpeft.optimize.prepare(model)` or an eager forward.
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """``scaling[adapter] = scale * lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA)."""
+        if adapter not in self.scaling:
+            return
+        self.scaling[adapter] = scale * _lora_scaling(self.r[adapter], self.lora_alpha[adapter],
+                                                      self.use_rslora.get(adapter, False))
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the scaling of the active adapters by ``scale``."""
+        if scale == 1:
+            return
+        for a in self._active:
+            if a in self.lora_A:
+                self.scaling[a] *= scale
+
+    def unscale_layer(self, scale=None) -> None:
+        """Divide the active adapters' scaling by ``scale``, or reset it (``scale=None``)."""
+        for a in self._active:
+            if a not in self.lora_A:
+                continue
+            if scale is None:
+                self.set_scale(a, 1.0)
+            else:
+                self.scaling[a] /= scale
 
     # ----- helpers ------------------------------------------------------------------------------
     def _a_weight(self, name: str) -> Tensor:
