@@ -342,3 +342,42 @@ def test_paged_layer_under_torch_compile_no_recompile():
         assert counters["stats"]["unique_graphs"] == 2  # the plain and the mixed-batch graph
     finally:
         torch._dynamo.reset()
+
+
+def test_paged_adalora_layer_matches_peft():
+    """AdaLoRA's stacks hold the derived A * E; paged like LoRA's (against PEFT's SVDLinear)."""
+    import warnings
+
+    torch.manual_seed(1)
+    base = Block().eval()
+    ranks = [2, 3, 24, 1, 2, 4, 2, 3, 1, 2, 2, 1]
+    cfg = lambda r, inf=True: peft.AdaLoraConfig(init_r=r, target_r=r, total_step=10, target_modules=["q"],  # noqa: E731
+                                                 inference_mode=inf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), cfg(ranks[0], False), adapter_name="s0")
+        for i, r in enumerate(ranks[1:], 1):
+            pm.add_adapter(f"s{i}", cfg(r))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.3)
+    pm.eval()
+    fm = fastpeft.PeftModel(copy.deepcopy(base), fastpeft.AdaLoraConfig(init_r=ranks[0], target_r=ranks[0], total_step=10,
+                                                                        target_modules=["q"]), adapter_name="s0")
+    for i, r in enumerate(ranks[1:], 1):
+        fm.add_adapter(f"s{i}", fastpeft.AdaLoraConfig(init_r=r, target_r=r, total_step=10, target_modules=["q"]))
+    fm.load_state_dict(pm.state_dict(), strict=False)
+    fm.eval()
+    x = torch.randn(3, K)
+    for n in ("s2", "s5", "s0"):
+        pm.set_adapter(n)
+        fm.set_adapter(n)
+        with torch.no_grad():
+            torch.testing.assert_close(fm(x), pm(x), atol=1e-5, rtol=1e-5)
+    layer = _layer(fm)
+    assert type(layer).__name__ == "AdaLoraLinear" and layer._page_table is not None
+    with torch.no_grad():
+        for m in (pm, fm):  # an in-place change of E is seen (the copy in the stacks is rebuilt)
+            dict(m.named_parameters())["base_model.model.q.lora_E.s0"].mul_(-2.0)
+        torch.testing.assert_close(fm(x), pm(x), atol=1e-5, rtol=1e-5)
