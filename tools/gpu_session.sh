@@ -10,9 +10,10 @@
 #   run  command="bash tools/gpu_session.sh build test"            carry=[".gpupack"]
 #   run  command="bash tools/gpu_session.sh bench-linear bench-quant"
 #   run  command="bash tools/gpu_session.sh bench-generate"
+#   run  command="bash tools/gpu_session.sh bench-mixed-ranks"
 # Each `run` may take at most 10 minutes, so the steps are split as above; the built extension
 # stays on the machine between calls while it is held. Steps: build, test, bench-linear,
-# bench-quant, bench-generate, all. Every step is time-boxed and a failure does not stop the
+# bench-quant, bench-generate, bench-mixed-ranks, all. Every step is time-boxed and a failure does not stop the
 # next one; the last lines printed are a summary. The CSVs (device name, date, commit in every
 # row) come back under the reply's files: copy them to bench/results/ here and commit them.
 #
@@ -101,6 +102,17 @@ step_bench_generate() {
   collect
 }
 
+step_bench_mixed_ranks() {
+  # 32 adapters of ranks 16..1 (paged stacks, fastpeft/nn/paging.py): what the extra page
+  # columns cost the GPU kernels, against the uniform-rank bench-generate run
+  touch "$OUT/.stamp"
+  local stem
+  stem="bench/results/generate-$([ "$QUICK" = 1 ] && echo cpu-quick || echo gpu)-$(date +%Y-%m-%d)-mixed-ranks.csv"
+  run_step bench-mixed-ranks 300 "$PY" bench/bench_generate.py "${quick_flag[@]}" --mixed-ranks \
+    --methods base,merged,peft,fastpeft --out "$stem"
+  collect
+}
+
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(all)
 for s in "${steps[@]}"; do
@@ -110,8 +122,9 @@ for s in "${steps[@]}"; do
     bench-linear) step_bench_linear ;;
     bench-quant) step_bench_quant ;;
     bench-generate) step_bench_generate ;;
-    all) step_build; step_test; step_bench_linear; step_bench_quant; step_bench_generate ;;
-    *) echo "unknown step: $s (build, test, bench-linear, bench-quant, bench-generate, all)"; exit 2 ;;
+    bench-mixed-ranks) step_bench_mixed_ranks ;;
+    all) step_build; step_test; step_bench_linear; step_bench_quant; step_bench_generate; step_bench_mixed_ranks ;;
+    *) echo "unknown step: $s (build, test, bench-linear, bench-quant, bench-generate, bench-mixed-ranks, all)"; exit 2 ;;
   esac
 done
 echo
