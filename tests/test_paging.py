@@ -381,3 +381,40 @@ def test_paged_adalora_layer_matches_peft():
         for m in (pm, fm):  # an in-place change of E is seen (the copy in the stacks is rebuilt)
             dict(m.named_parameters())["base_model.model.q.lora_E.s0"].mul_(-2.0)
         torch.testing.assert_close(fm(x), pm(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_of_a_paged_layer_follows_set_adapter_and_mixed_batch():
+    """On a GPU the page slots (not the CPU's one-adapter views) reach the kernels, updated in
+    place, so a captured graph replays with the new adapter or the new mixed batch."""
+    pm, fm = _models()
+    pm.cuda()
+    fm.cuda()
+    layer = _layer(fm)
+    x = torch.randn(4, 3, K, device="cuda")
+    with torch.no_grad():
+        fm(x)
+        assert layer._page_table is not None and layer._page_table.is_cuda
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fm(x)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fm(x)
+        for n in ("r10", "r1", "r6"):
+            fm.set_adapter(n)
+            pm.set_adapter(n)
+            graph.replay()
+            torch.testing.assert_close(out, pm(x), atol=1e-4, rtol=1e-4)
+        with fastpeft.mixed_batch(fm, ["r10", "r1", "__base__", "r6"]):
+            fm(x)
+            g2 = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g2):
+                out2 = fm(x)
+        for names in (["r6", "r10", "r3", "__base__"], ["__base__", "r0", "r10", "r10"]):
+            with fastpeft.mixed_batch(fm, names):
+                g2.replay()
+            torch.testing.assert_close(out2, pm(x, adapter_names=names), atol=1e-4, rtol=1e-4)
