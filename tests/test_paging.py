@@ -418,3 +418,32 @@ def test_cuda_graph_of_a_paged_layer_follows_set_adapter_and_mixed_batch():
             with fastpeft.mixed_batch(fm, names):
                 g2.replay()
             torch.testing.assert_close(out2, pm(x, adapter_names=names), atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_model_after_the_layer_goes_unpaged():
+    """Deleting adapters until the layer is unpaged changes what compiled code reads (page
+    slots -> plain slots): one recompilation, and the outputs stay PEFT's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    pm, fm = _models()
+    model = fm.get_base_model()
+    fastpeft.optimize.prepare(model)
+    x = torch.randn(4, 3, K)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), pm(x), atol=1e-5, rtol=1e-5)
+            for n in NAMES[:-2]:
+                pm.delete_adapter(n)
+                fm.delete_adapter(n)
+            for m in (pm, fm):
+                m.set_adapter("r11")
+            fastpeft.optimize.prepare(model)
+            assert _layer(fm)._page_table is None
+            torch.testing.assert_close(compiled(x), pm(x), atol=1e-5, rtol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 2
+    finally:
+        torch._dynamo.reset()
