@@ -113,14 +113,14 @@ class PeftModel(nn.Module):
     def peft_config(self) -> dict:
         return self.base_model.peft_config
 
+    # the adapter-management calls are the tuner's (AdapterModel above), as in PEFT
     @property
     def active_adapters(self) -> list[str]:
-        return tuner.active_adapters(self.base_model.model)
+        return self.base_model.active_adapters
 
     @property
     def active_adapter(self):
-        act = self.active_adapters
-        return act[0] if len(act) == 1 else act
+        return self.base_model.active_adapter
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      revision: Optional[str] = None, token=None, subfolder: Optional[str] = None, **kwargs):
@@ -141,10 +141,10 @@ class PeftModel(nn.Module):
         tuner.inject(self.base_model.model, peft_config, adapter_name, autocast_adapter_dtype=self._autocast)
 
     def set_adapter(self, adapter_name) -> None:
-        tuner.set_adapter(self.base_model.model, adapter_name)
+        self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        tuner.delete_adapter(self.base_model.model, adapter_name)
+        self.base_model.delete_adapter(adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self):
@@ -165,16 +165,16 @@ class PeftModel(nn.Module):
 
     # ----- merging -----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names=None) -> None:
-        tuner.merge(self.base_model.model, adapter_names)
+        self.base_model.merge_adapter(adapter_names)
 
     def unmerge_adapter(self) -> None:
-        tuner.unmerge(self.base_model.model)
+        self.base_model.unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        return tuner.unload(self.base_model.model, merge_first=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
 
     def unload(self) -> nn.Module:
-        return tuner.unload(self.base_model.model, merge_first=False)
+        return self.base_model.unload()
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model

@@ -38,21 +38,25 @@ class TwoLinear(nn.Module):
         return self.o(self.q(x))
 
 
-def _models(seed=0):
-    """(peft model, fastpeft model) with the same two adapters of ranks 4 and 7."""
+CONFIGS = {"a": dict(r=4, lora_alpha=8, target_modules=["q", "o"]),
+           "b": dict(r=7, lora_alpha=3, target_modules=["q", "o"])}
+
+
+def _models(seed=0, configs=CONFIGS):
+    """(peft model, fastpeft model) with the same adapters (default: ranks 4 and 7 on q and o),
+    random non-zero weights, in eval mode with nothing trainable."""
     torch.manual_seed(seed)
     base = TwoLinear().eval()
-    cfgs = {"a": peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "o"]),
-            "b": peft.LoraConfig(r=7, lora_alpha=3, target_modules=["q", "o"])}
-    pm = peft.get_peft_model(copy.deepcopy(base), cfgs["a"], adapter_name="a")
-    pm.add_adapter("b", cfgs["b"])
+    (first, kw0), *rest = configs.items()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw0), adapter_name=first)
+    fm = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**kw0), adapter_name=first)
+    for name, kw in rest:
+        pm.add_adapter(name, peft.LoraConfig(**kw))
+        fm.add_adapter(name, fastpeft.LoraConfig(**kw))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn_like(p) * 0.3)
-    fm = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "o"]),
-                                 adapter_name="a")
-    fm.add_adapter("b", fastpeft.LoraConfig(r=7, lora_alpha=3, target_modules=["q", "o"]))
     fm.load_state_dict(pm.state_dict())
     for m in (pm, fm):
         m.eval()
@@ -306,20 +310,8 @@ def test_scaling_changed_in_place_is_seen(backend):
 def test_peft_scale_api_on_native_layers(backend):
     """fastpeft's own LoRA layers have PEFT's set_scale / scale_layer / unscale_layer, with the
     same scalings as PEFT's layer (rsLoRA included) and outputs that follow them."""
-    torch.manual_seed(3)
-    base = TwoLinear().eval()
-    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"]), adapter_name="a")
-    pm.add_adapter("b", peft.LoraConfig(r=9, lora_alpha=3, use_rslora=True, target_modules=["q"]))
-    fm = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"]),
-                                 adapter_name="a")
-    fm.add_adapter("b", fastpeft.LoraConfig(r=9, lora_alpha=3, use_rslora=True, target_modules=["q"]))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn_like(p) * 0.3)
-    fm.load_state_dict(pm.state_dict())
-    pm.eval()
-    fm.eval()
+    pm, fm = _models(seed=3, configs={"a": dict(r=4, lora_alpha=8, target_modules=["q"]),
+                                      "b": dict(r=9, lora_alpha=3, use_rslora=True, target_modules=["q"])})
     pl, fl = pm.base_model.model.q, _layer(fm)
     x = torch.randn(3, K)
     steps = [("set_scale", ("b", 0.25)), ("set_scale", ("a", 3.0)), ("scale_layer", (0.5,)),

@@ -39,16 +39,14 @@ from .base import AdapterLayer, packs_outside_inference_mode
 _is_compiling = torch.compiler.is_compiling
 
 
-def _dynamic_slots_and_rank(a: Tensor, bt: Tensor, scales: Tensor) -> None:
-    """Tell torch.compile that the slot count and the padded rank of the stacks vary (adding or
-    deleting an adapter repacks them): compiled graphs take them as symbolic sizes instead of
-    recompiling for each new size."""
+def _sizes_vary(t: Tensor, *dims: int) -> None:
+    """Tell torch.compile that these sizes of ``t`` vary (slot and page counts, padded rank and
+    page columns change when adapters are added or deleted): compiled graphs take them as
+    symbolic sizes instead of recompiling for each new size."""
     import torch._dynamo
 
-    for t in (a, bt):
-        torch._dynamo.maybe_mark_dynamic(t, 0)
-        torch._dynamo.maybe_mark_dynamic(t, 1)
-    torch._dynamo.maybe_mark_dynamic(scales, 0)
+    for d in dims:
+        torch._dynamo.maybe_mark_dynamic(t, d)
 
 
 class DoraMagnitude(nn.Module):
@@ -247,9 +245,11 @@ class LoraLinear(AdapterLayer):
                 elif self._aliasable(n):  # a copy in the stacks: watch the parameters' versions
                     A0, B0 = self.lora_A[n].weight, self.lora_B[n].weight
                     copies[n] = (A0.data_ptr(), B0.data_ptr(), A0._version, B0._version)
-        scales = torch.tensor([self._scale(n) for n, r in zip(names, ranks) for _ in range(-(-r // c))],
-                              dtype=torch.float32, device=device)
-        _dynamic_slots_and_rank(a, bt, scales)
+        scales = torch.tensor([self._scale(n) for s, n in enumerate(names) for _ in range(starts[s + 1] - starts[s])],
+                              dtype=torch.float32, device=device)  # one per page
+        _sizes_vary(a, 0, 1)
+        _sizes_vary(bt, 0, 1)
+        _sizes_vary(scales, 0)
         self._packed = dict(a=a, bt=bt, scales=scales, ptrs=ptrs, copies=copies, versions=self._versions(),
                             scale_src={n: self.scaling[n] for n in names}, starts=starts)
         self._dora_cache.clear()
@@ -262,10 +262,7 @@ class LoraLinear(AdapterLayer):
         bring the page tensors derived from the slot tensors up to date."""
         self._page_table = table
         if table is not None:
-            import torch._dynamo
-
-            torch._dynamo.maybe_mark_dynamic(table, 0)
-            torch._dynamo.maybe_mark_dynamic(table, 1)
+            _sizes_vary(table, 0, 1)
         self._slots_cache.clear()  # mixed-batch slots derived through the old table
         self._sync_active_pages()
 
@@ -282,9 +279,7 @@ class LoraLinear(AdapterLayer):
         if old is not None and old.shape == new.shape and old.device == new.device and not old.is_inference():
             old.copy_(new)
         else:
-            import torch._dynamo
-
-            torch._dynamo.maybe_mark_dynamic(new, 1)
+            _sizes_vary(new, 1)
             self._active_pages = new
 
     def token_slots(self, rows: int, batch: int, device=None) -> Optional[Tensor]:
@@ -822,7 +817,9 @@ class LoraEmbedding(AdapterLayer):
                     self.lora_embedding_B[n].data = bt[s, :r].t()
                     ptrs[n] = (self.lora_embedding_A[n].data_ptr(), self.lora_embedding_B[n].data_ptr())
         scales = torch.tensor([self.scaling[n] for n in names], dtype=torch.float32, device=device)
-        _dynamic_slots_and_rank(a, bt, scales)
+        _sizes_vary(a, 0, 1)
+        _sizes_vary(bt, 0, 1)
+        _sizes_vary(scales, 0)
         self._packed = dict(a=a, bt=bt, scales=scales, ptrs=ptrs)
         self._dirty = False
 
