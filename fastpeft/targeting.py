@@ -23,6 +23,7 @@ from typing import Iterable, Optional
 import torch.nn as nn
 
 from .config import AdaLoraConfig, IA3Config, PeftConfig, TaskType, peft_type_name
+from ._optional import transformers_conv1d, transformers_pretrained_model
 
 __all__ = [
     "NoMatchingModuleError",
@@ -198,12 +199,8 @@ def _minimal_suffixes(targets: Iterable[str], others: Iterable[str]) -> set[str]
 
 
 def _linear_types() -> tuple[type, ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        return (nn.Linear, Conv1D)
-    except ImportError:  # transformers is optional
-        return (nn.Linear,)
+    conv1d = transformers_conv1d()  # None when transformers is not loaded: then no module is one
+    return (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
 
 
 def is_adapter_layer(module: nn.Module) -> bool:
@@ -221,11 +218,8 @@ def _adapter_prefixes(model: nn.Module) -> list[str]:
 
 
 def _is_transformers_model(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
-    return isinstance(model, PreTrainedModel)
+    pretrained = transformers_pretrained_model()
+    return pretrained is not None and isinstance(model, pretrained)
 
 
 def _linear_module_names(model: nn.Module, config: PeftConfig) -> set[str]:

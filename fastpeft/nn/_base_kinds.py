@@ -3,10 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-try:  # transformers' GPT-2 style linear with weight [in, out]
-    from transformers.pytorch_utils import Conv1D
-except Exception:  # pragma: no cover - transformers is optional
-    Conv1D = None
+from .._optional import transformers_conv1d
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -18,7 +15,8 @@ def base_kind(module: nn.Module) -> str:
     """"linear", "conv1d", "embedding", "quant" or "other" for an adaptable base module."""
     if _is_quantized(module):
         return "quant"
-    if Conv1D is not None and isinstance(module, Conv1D):
+    conv1d = transformers_conv1d()
+    if conv1d is not None and isinstance(module, conv1d):
         return "conv1d"
     if isinstance(module, nn.Linear):
         return "linear"
@@ -33,7 +31,7 @@ def fused_forward_ok(module: nn.Module) -> bool:
     if _is_quantized(module):
         return True
     t = type(module)
-    return t is nn.Linear or t is nn.Embedding or (Conv1D is not None and t is Conv1D)
+    return t is nn.Linear or t is nn.Embedding or t is transformers_conv1d()
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:

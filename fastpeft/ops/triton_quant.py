@@ -18,14 +18,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
-from . import reference
+from . import backends, reference
+from .triton import DEVICES as _devices
+from .triton import UNAVAILABLE_REASON
 
-try:
-    from ..kernels import quant_linear as _k
-except Exception as e:  # noqa: BLE001 - triton missing or broken: record why
-    backends.mark_unavailable("triton", f"triton kernels for quantized bases not importable: {type(e).__name__}: {e}")
-    raise
+if _devices:  # Triton is imported only when some device can run its kernels (see ops/triton.py)
+    try:
+        from ..kernels import quant_linear as _k
+    except Exception as e:  # noqa: BLE001 - triton missing or broken: record why
+        backends.mark_unavailable("triton", f"triton kernels for quantized bases not importable: {type(e).__name__}: {e}")
+        raise
 
 
 def _pow2(n: int) -> int:
@@ -141,15 +143,8 @@ def adapter_linear_8bit(
     return y
 
 
-if torch.cuda.is_available():
-    _devices = ("cuda", "cpu") if _k.INTERPRET else ("cuda",)
-elif _k.INTERPRET:
-    _devices = ("cpu",)
-else:
-    _devices = ()
-
 if _devices:
     backends.register("adapter_linear_4bit", "triton", adapter_linear_4bit, devices=_devices)
     backends.register("adapter_linear_8bit", "triton", adapter_linear_8bit, devices=_devices)
 else:
-    backends.mark_unavailable("triton", "no CUDA device (set TRITON_INTERPRET=1 to run the Triton kernels on the CPU)")
+    backends.mark_unavailable("triton", UNAVAILABLE_REASON)
