@@ -15,7 +15,9 @@ def _extensions():
     * ``FASTPEFT_SKIP_EXT=1``: nothing; ``FASTPEFT_NO_CUDA=1``: CPU kernels only.
 
     A failed extension build prints a warning and leaves a working pure-Python package
-    (``fastpeft.available_backends(verbose=True)`` then says why "cpp" is missing).
+    (``fastpeft.available_backends(verbose=True)`` then says why "cpp" is missing), unless
+    ``FASTPEFT_REQUIRE_EXT=1`` is set (CI and wheel builds set it): then any reason not to build
+    (no torch in the build environment, no compiler, a compile or link error) fails the install.
     Build in place for development: ``pip install --no-build-isolation -e .`` (torch must
     already be installed, the extension compiles against it).
     """
@@ -25,10 +27,20 @@ def _extensions():
     import sys
     import sysconfig
 
+    def flag(name):
+        return os.environ.get(name, "0").strip() not in ("", "0")
+
+    required = flag("FASTPEFT_REQUIRE_EXT")
+
     def warn(msg):
+        if required:
+            raise RuntimeError(f"fastpeft: {msg}; FASTPEFT_REQUIRE_EXT=1 asks for the compiled extension, "
+                               "so the install fails (unset it to install the pure-Python package)")
         print(f"WARNING: fastpeft: {msg}; installing without the compiled extension", file=sys.stderr)
 
-    if os.environ.get("FASTPEFT_SKIP_EXT", "0") not in ("", "0"):
+    if flag("FASTPEFT_SKIP_EXT"):
+        if required:
+            raise RuntimeError("fastpeft: FASTPEFT_SKIP_EXT=1 and FASTPEFT_REQUIRE_EXT=1 contradict each other")
         print("fastpeft: FASTPEFT_SKIP_EXT set, not building fastpeft._C", file=sys.stderr)
         return [], {}
     try:
@@ -92,12 +104,15 @@ def _extensions():
         )
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
-        """BuildExtension that turns a failed build into a warning (the package still installs)."""
+        """BuildExtension that turns a failed build into a warning (the package still installs),
+        or, with ``FASTPEFT_REQUIRE_EXT=1``, lets the failure fail the install."""
 
         def run(self):
             try:
                 super().run()
             except Exception as e:  # noqa: BLE001
+                if required:
+                    raise
                 warn(f"building the extension failed: {type(e).__name__}: {e}")
 
         def initialize_options(self):
@@ -108,6 +123,8 @@ def _extensions():
             try:
                 super().build_extension(ext)
             except Exception as e:  # noqa: BLE001
+                if required:
+                    raise
                 self.failed.add(ext.name)
                 warn(f"building {ext.name} failed: {type(e).__name__}: {e}")
 
@@ -118,6 +135,8 @@ def _extensions():
             try:
                 super().copy_extensions_to_source()
             except Exception as e:  # noqa: BLE001
+                if required:
+                    raise
                 warn(f"placing the extension failed: {type(e).__name__}: {e}")
             finally:
                 self.extensions = kept
