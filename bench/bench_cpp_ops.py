@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,8 +45,8 @@ warnings.filterwarnings("ignore")  # PEFT's import-time notices
 sys.path.insert(0, str(ROOT))
 
 import fastpeft.ops as fops  # noqa: E402
-from fastpeft.ops import reference  # noqa: E402
 from fastpeft import _ext  # noqa: E402
+from fastpeft.ops import reference  # noqa: E402
 
 SHAPES = {  # name: (K, N)
     "llama7b.q_proj 4096x4096": (4096, 4096),
@@ -183,19 +184,19 @@ def main() -> int:
                     peft_layer = make_peft_layer(inp, S, dtype)
                     peft_names = [f"a{int(s)}" for s in ts[:, 0]] if per_row else None
 
-                    def peft_call():
+                    def peft_call(x=x, peft_layer=peft_layer, peft_names=peft_names):
                         with torch.no_grad():
                             return peft_layer(x) if peft_names is None else peft_layer(x, adapter_names=peft_names)
 
                     t = interleaved_medians_us(
                         {
-                            "base": (nothing, lambda: F.linear(x, w)),
+                            "base": (nothing, partial(F.linear, x, w)),
                             **({"peft": (nothing, peft_call)} if peft_layer is not None else {}),
-                            "torch": (lambda: fops.set_backend("torch"), lambda: routed(*inp)),
-                            "cpp": (lambda: fops.set_backend("cpp"), lambda: routed(*inp)),
-                            "native": (nothing, lambda: native(*inp)),
-                            "lora_torch": (nothing, lambda: reference.apply_adapters(y0, x, None, a, bt, sc, ts, None)),
-                            "lora_cpp": (nothing, lambda: shrink_expand(y0, x, a, bt, sc, ts)),
+                            "torch": (partial(fops.set_backend, "torch"), partial(routed, *inp)),
+                            "cpp": (partial(fops.set_backend, "cpp"), partial(routed, *inp)),
+                            "native": (nothing, partial(native, *inp)),
+                            "lora_torch": (nothing, partial(reference.apply_adapters, y0, x, None, a, bt, sc, ts, None)),
+                            "lora_cpp": (nothing, partial(shrink_expand, y0, x, a, bt, sc, ts)),
                         },
                         min_time,
                     )

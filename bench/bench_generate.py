@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Optional
 
 import torch
 
@@ -59,9 +58,9 @@ except Exception:  # pragma: no cover - common.py absent
         columns = columns or list(rows[0])
         cells = [[str(r.get(c, "")) for c in columns] for r in rows]
         widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
-        print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
         for x in cells:
-            print("  ".join(v.rjust(w) for v, w in zip(x, widths)))
+            print("  ".join(v.rjust(w) for v, w in zip(x, widths, strict=True)))
 
 RESULTS_DIR = os.path.join(HERE, "results")
 METHODS = ("base", "merged", "peft", "optimize", "fastpeft")
@@ -170,7 +169,7 @@ def build_methods(base, folders: list, methods=METHODS) -> dict:
     return out
 
 
-def _generate(model, ids, new_tokens: int, names: Optional[list]):
+def _generate(model, ids, new_tokens: int, names: list | None):
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
               attention_mask=torch.ones_like(ids))
     if names is not None:
@@ -287,7 +286,7 @@ TABLE = ["method", "batch", "adapters", "mixed", "tokens_per_s", "decode_ms", "d
          "vs_peft", "vs_peft_e2e"]
 
 
-def plot(rows: list, path: str) -> Optional[str]:
+def plot(rows: list, path: str) -> str | None:
     """Decode tokens/s per method and scenario: a PNG with matplotlib, else an SVG (same stem)."""
     groups = sorted({(r["batch"], r["adapters"]) for r in rows})
     labels = [f"batch {b}, {n} adapter{'s' if n > 1 else ''}" for b, n in groups]

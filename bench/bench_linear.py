@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 
 import torch
 
@@ -152,11 +153,11 @@ def main():
                     x = torch.randn(tokens, K, device=dev, dtype=dtype)
                     w = linear.weight
                     methods = {
-                        "base": lambda: F.linear(x, w),
-                        "merged": lambda: F.linear(x, merged),
-                        "peft": lambda: layer(x),
-                        "fastpeft": lambda: torch.ops.fastpeft.adapter_linear(x, w, None, a, b, sc, ts, None, None, None),
-                        "fastpeft-kernel": lambda: LL.adapter_linear(x, w, None, a, b, sc, ts, None, None, None),
+                        "base": partial(F.linear, x, w),
+                        "merged": partial(F.linear, x, merged),
+                        "peft": partial(layer, x),
+                        "fastpeft": partial(torch.ops.fastpeft.adapter_linear, x, w, None, a, b, sc, ts, None, None, None),
+                        "fastpeft-kernel": partial(LL.adapter_linear, x, w, None, a, b, sc, ts, None, None, None),
                     }
                     with torch.no_grad():
                         want = layer(x).float()
@@ -214,9 +215,9 @@ def mixed_batch_section(bench, cfg, args, modes, timed, paths):
                 nbytes = (w.numel() * w.element_size() + a.numel() * a.element_size() + b.numel() * b.element_size()
                           + x.numel() * x.element_size() + T * N * x.element_size())
                 methods = {
-                    "base": lambda: F.linear(x, w),
-                    "peft": lambda: layer(x, adapter_names=row_names),
-                    "fastpeft": lambda: torch.ops.fastpeft.adapter_linear(x, w, None, a, b, sc, ts, None, None, None),
+                    "base": partial(F.linear, x, w),
+                    "peft": partial(layer, x, adapter_names=row_names),
+                    "fastpeft": partial(torch.ops.fastpeft.adapter_linear, x, w, None, a, b, sc, ts, None, None, None),
                 }
                 with torch.no_grad():
                     want = layer(x, adapter_names=row_names).float()

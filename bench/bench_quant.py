@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 
 import torch
 
@@ -105,7 +106,6 @@ def main():
     bench = Bench("quant", args)
     dev = bench.device
 
-    import bitsandbytes as bnb
     import bitsandbytes.functional as BF
 
     import fastpeft.ops as ops
@@ -163,23 +163,23 @@ def main():
         for T in token_counts:
             x = torch.randn(T, K, device=dev, dtype=dt)
             with torch.no_grad():
-                time_and_add(lambda: F.linear(x, w), fmt=fmt, tokens=T, method="base", wbytes=K * N * 2)
-                time_and_add(lambda: plain(x), fmt=fmt, tokens=T, method="bnb", wbytes=qbytes)
-                time_and_add(lambda: lora(x), fmt=fmt, tokens=T, method="bnb+peft", wbytes=qbytes)
+                time_and_add(partial(F.linear, x, w), fmt=fmt, tokens=T, method="base", wbytes=K * N * 2)
+                time_and_add(partial(plain, x), fmt=fmt, tokens=T, method="bnb", wbytes=qbytes)
+                time_and_add(partial(lora, x), fmt=fmt, tokens=T, method="bnb+peft", wbytes=qbytes)
                 if bits == 4 and T in cfg["prefill"]:
                     qs = layer.weight.quant_state
                     A32, B32 = lora.lora_A["default"].weight, lora.lora_B["default"].weight
                     s = lora.scaling["default"]
 
-                    def deq_cublas():
+                    def deq_cublas(x=x, layer=layer, qs=qs, A32=A32, B32=B32, s=s):
                         W = BF.dequantize_4bit(layer.weight.data, qs).to(dt)
                         return F.linear(x, W) + (F.linear(F.linear(x.float(), A32), B32) * s).to(dt)
 
                     time_and_add(deq_cublas, fmt=fmt, tokens=T, method="bnb-dequant+cublas", wbytes=qbytes)
-                time_and_add(lambda: quantized_adapter_linear(layer, x, a, b, sc, slots, None, None, None), fmt=fmt,
+                time_and_add(partial(quantized_adapter_linear, layer, x, a, b, sc, slots, None, None, None), fmt=fmt,
                              tokens=T, method="fastpeft", wbytes=qbytes)
                 for p in paths:
-                    def forced(p=p):
+                    def forced(p=p, x=x, layer=layer, a=a, b=b, sc=sc, slots=slots):
                         QL.FORCE_PATH = p
                         try:
                             return quantized_adapter_linear(layer, x, a, b, sc, slots, None, None, None)

@@ -29,7 +29,7 @@ import re
 import statistics
 import subprocess
 import time
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -53,7 +53,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def default_device(name: Optional[str] = None) -> torch.device:
+def default_device(name: str | None = None) -> torch.device:
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +126,7 @@ def capture_cuda_graph(fn: Callable[[], object], warmup: int = 3):
     return graph.replay, out
 
 
-def timer_for(device: torch.device, quick: bool = False, warmup: Optional[int] = None, rep: Optional[int] = None):
+def timer_for(device: torch.device, quick: bool = False, warmup: int | None = None, rep: int | None = None):
     """A ``time(fn, cuda_graph=False) -> median µs`` function for ``device``."""
 
     def time_fn(fn: Callable[[], object], cuda_graph: bool = False) -> float:
@@ -183,8 +183,8 @@ class Bench:
         self.rows.append(row)
         return row
 
-    def finish(self, ratio_to: Optional[str] = "base", plot_x: str = "tokens", table_columns: Optional[list] = None,
-               plot_title: Optional[str] = None, plot_where: Optional[Callable[[dict], bool]] = None) -> None:
+    def finish(self, ratio_to: str | None = "base", plot_x: str = "tokens", table_columns: list | None = None,
+               plot_title: str | None = None, plot_where: Callable[[dict], bool] | None = None) -> None:
         """Ratios to ``ratio_to`` (per GROUP_KEYS group), CSV, table, plot of the rows ``plot_where`` keeps."""
         if ratio_to:
             add_ratios(self.rows, ratio_to)
@@ -243,7 +243,7 @@ def _fmt(v):
     return v
 
 
-def print_table(rows: list[dict], columns: Optional[list] = None) -> None:
+def print_table(rows: list[dict], columns: list | None = None) -> None:
     """A fixed-width table of ``rows`` (default: the varying descriptive columns + timings)."""
     if not rows:
         print("(no rows)")
@@ -257,10 +257,10 @@ def print_table(rows: list[dict], columns: Optional[list] = None) -> None:
         columns = [c for c in columns if c not in ("median_us", "ratio")] + ["median_us", "ratio"]
     cells = [[str(_fmt(r.get(c, ""))) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     print("  ".join("-" * w for w in widths))
     for row in cells:
-        print("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
 def _numeric(v: str) -> bool:
@@ -272,7 +272,7 @@ def _numeric(v: str) -> bool:
 
 
 def plot_ratios(rows: list[dict], path: str, x: str = "tokens", panel_keys=("shape", "rank", "dtype"),
-                mode: str = "eager", title: str = "") -> Optional[str]:
+                mode: str = "eager", title: str = "") -> str | None:
     """Ratio-to-baseline vs ``x`` (log axis), one line per method, one panel per ``panel_keys``.
 
     Skips with a message when matplotlib is not importable. Returns the path written, or None.
@@ -293,14 +293,14 @@ def plot_ratios(rows: list[dict], path: str, x: str = "tokens", panel_keys=("sha
     cols = min(4, len(panels))
     nrows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-    for ax, panel in zip(axes.flat, panels):
+    for ax, panel in zip(axes.flat, panels, strict=False):
         prow = [r for r in sel if tuple(r.get(k) for k in panel_keys) == panel]
         for method in sorted({r["method"] for r in prow}):
             pts = sorted((float(r[x]), float(r["ratio"])) for r in prow if r["method"] == method)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
         ax.set_xscale("log", base=2)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_title(" ".join(f"{k}={v}" for k, v in zip(panel_keys, panel)), fontsize=8)
+        ax.set_title(" ".join(f"{k}={v}" for k, v in zip(panel_keys, panel, strict=True)), fontsize=8)
         ax.set_xlabel(x)
         ax.set_ylabel("time / base")
     for ax in list(axes.flat)[len(panels):]:

@@ -6,19 +6,18 @@ Importing never fails for a missing GPU, Triton or compiled extension:
 """
 from __future__ import annotations
 
-from . import ops
+from . import ops  # noqa: F401  (defines torch.ops.fastpeft.* and loads the backends)
+from ._version import __version__ as __version__  # one source, read by pyproject.toml too
 from .api import inject_adapter_in_model
 from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PeftType, TaskType
 from .mixin import AdapterMixin, mixed_batch, with_adapters
 from .ops import BackendUnavailableError, available_backends, get_backend, set_backend
-from .peft_model import PeftModel, get_peft_model
 
 # Bound after their submodules are imported, so ``fastpeft.optimize`` / ``fastpeft.quantize``
 # are the functions, not the modules of the same name (both import only torch at load time).
 from .optimize import optimize  # noqa: E402
+from .peft_model import PeftModel, get_peft_model
 from .quantize import quantize  # noqa: E402
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AdaLoraConfig",

@@ -11,7 +11,6 @@ Build it with ``pip install --no-build-isolation -e .`` (or ``tools/build_ext.sh
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 import torch  # noqa: F401  (loads libtorch, which _C links against, before _C)
 
@@ -22,7 +21,7 @@ BUILD_HINT = "build with: pip install --no-build-isolation -e ."
 #: the loaded module, or None
 module = None
 #: why the extension is not usable (None when it loaded)
-error: Optional[str] = None
+error: str | None = None
 #: compiled-in features, e.g. {"cpu", "cuda", "x86-multiversion"}
 features: frozenset[str] = frozenset()
 
@@ -64,7 +63,7 @@ def has_cuda() -> bool:
     return "cuda" in features
 
 
-def library_path() -> Optional[str]:
+def library_path() -> str | None:
     """File of the compiled library (for C++ programs that ``dlopen`` it), or None."""
     return getattr(module, "__file__", None) if module is not None else None
 

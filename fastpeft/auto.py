@@ -13,7 +13,7 @@ class _AutoPeftModel:
     _auto_class_name = "AutoModel"
 
     def __init__(self, *args, **kwargs):
-        raise EnvironmentError(f"{type(self).__name__} is built with {type(self).__name__}.from_pretrained(...)")
+        raise OSError(f"{type(self).__name__} is built with {type(self).__name__}.from_pretrained(...)")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, adapter_name: str = "default",

@@ -21,7 +21,8 @@ import os
 import pickle
 import re
 import tempfile
-from typing import Iterable, Literal, Optional, Union
+from collections.abc import Iterable
+from typing import Literal
 
 import torch
 
@@ -62,10 +63,10 @@ _CONTAINERS = "|".join(ADAPTER_PARAMETER_NAMES)
 
 def load_adapter_weights(
     path_or_repo_id: str,
-    subfolder: Optional[str] = None,
-    revision: Optional[str] = None,
-    token: Optional[Union[str, bool]] = None,
-    cache_dir: Optional[str] = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
     local_files_only: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read the adapter weights of a local folder or Hub repo onto the CPU, in file-key format.
@@ -121,7 +122,7 @@ def _load_pickle(path: str) -> dict[str, torch.Tensor]:
 
 
 def save_adapter_weights(
-    state_dict: dict[str, torch.Tensor], save_directory: str, metadata: Optional[dict[str, str]] = None
+    state_dict: dict[str, torch.Tensor], save_directory: str, metadata: dict[str, str] | None = None
 ) -> str:
     """Write ``<save_directory>/adapter_model.safetensors`` and return its path.
 
@@ -185,7 +186,7 @@ def add_peft_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k: v for k, v in state_dict.items()}
 
 
-def _adapter_key_match(key: str) -> Optional[re.Match]:
+def _adapter_key_match(key: str) -> re.Match | None:
     """Match ``<P>.<container>.<adapter>[.<param>]`` keys of adapter layers."""
     return re.match(rf"^(?P<path>.+)\.(?P<container>{_CONTAINERS})\.(?P<adapter>[^.]+)(?:\.[^.]+)?$", key)
 
@@ -195,7 +196,7 @@ def _is_layer_key(key: str, adapter_name: str) -> bool:
     return match is not None and match["adapter"] == adapter_name
 
 
-def _modules_to_save_key(key: str, adapter_name: str) -> Optional[tuple[str, str]]:
+def _modules_to_save_key(key: str, adapter_name: str) -> tuple[str, str] | None:
     """``<W>.modules_to_save.<adapter>.<rest>`` -> ``(W, rest)``."""
     marker = f".{_MODULES_TO_SAVE}.{adapter_name}."
     if marker not in key:
@@ -222,8 +223,8 @@ def get_adapter_state_dict(
     model_state_dict: dict[str, torch.Tensor],
     adapter_name: str,
     config: PeftConfig,
-    save_embedding_layers: Union[bool, Literal["auto"]] = "auto",
-    embedding_module_names: Optional[Iterable[str]] = None,
+    save_embedding_layers: bool | Literal["auto"] = "auto",
+    embedding_module_names: Iterable[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The entries of ``model_state_dict`` that make up adapter ``adapter_name``, with file keys
     (what ``peft.get_peft_model_state_dict`` returns): the adapter name removed, keys otherwise

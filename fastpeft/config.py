@@ -20,7 +20,7 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
 from .hub import AdapterFormatError, resolve_file
 
@@ -101,7 +101,7 @@ def _check_non_negative_int(name: str, value) -> None:
         raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
 
 
-def _module_names(name: str, value) -> Union[None, str, set[str]]:
+def _module_names(name: str, value) -> None | str | set[str]:
     """PEFT's normalisation of ``target_modules``-like fields: a list becomes a set, a str (a
     regex, or ``"all-linear"``) stays a str."""
     if value is None or isinstance(value, str):
@@ -152,12 +152,12 @@ class PeftConfig:
     ``save_pretrained`` writes ``adapter_config.json`` with sets as sorted lists.
     """
 
-    task_type: Optional[Union[str, TaskType]] = None
-    peft_type: Optional[Union[str, PeftType]] = None
-    auto_mapping: Optional[dict] = None
-    peft_version: Optional[str] = None
-    base_model_name_or_path: Optional[str] = None
-    revision: Optional[str] = None
+    task_type: str | TaskType | None = None
+    peft_type: str | PeftType | None = None
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
@@ -230,12 +230,12 @@ class PeftConfig:
             )
         for key in _RUNTIME_ONLY_KEYS:
             if key in data:
-                warnings.warn(f"'{path_json_file}' contains `{key}`; it is ignored (runtime-only).")
+                warnings.warn(f"'{path_json_file}' contains `{key}`; it is ignored (runtime-only).", stacklevel=2)
                 del data[key]
         return data
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **defaults) -> "PeftConfig":
+    def from_dict(cls, config_dict: dict[str, Any], **defaults) -> PeftConfig:
         """Build the config class named by ``config_dict["peft_type"]`` (or ``cls`` when the key is
         missing and ``cls`` is a concrete config class).
 
@@ -251,7 +251,7 @@ class PeftConfig:
         if unknown:
             warnings.warn(
                 f"Ignoring unknown keys {unknown} for {config_cls.__name__}; they were probably written by a "
-                "newer version of PEFT."
+                "newer version of PEFT.", stacklevel=2
             )
         return config_cls(**{k: v for k, v in data.items() if k in names})
 
@@ -259,11 +259,11 @@ class PeftConfig:
     def from_pretrained(
         cls,
         path_or_repo_id: str,
-        subfolder: Optional[str] = None,
-        revision: Optional[str] = None,
-        token: Optional[Union[str, bool]] = None,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
         **kwargs,
-    ) -> "PeftConfig":
+    ) -> PeftConfig:
         """Load ``adapter_config.json`` from a local folder or a Hub repo (see ``fastpeft.hub``).
 
         ``cache_dir`` and ``local_files_only`` go to the Hub resolution. Other keyword arguments
@@ -334,39 +334,39 @@ class LoraConfig(PeftConfig):
     """
 
     r: int = 8
-    target_modules: Optional[Union[list[str], str]] = None
-    exclude_modules: Optional[Union[list[str], str]] = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
     lora_alpha: int = 8
     lora_dropout: float = 0.0
     fan_in_fan_out: bool = False
     bias: str = "none"
     use_rslora: bool = False
-    modules_to_save: Optional[list[str]] = None
-    init_lora_weights: Union[bool, str] = True
-    layers_to_transform: Optional[Union[list[int], int]] = None
-    layers_pattern: Optional[Union[list[str], str]] = None
-    rank_pattern: Optional[dict] = field(default_factory=dict)
-    alpha_pattern: Optional[dict] = field(default_factory=dict)
-    megatron_config: Optional[dict] = None
-    megatron_core: Optional[str] = "megatron.core"
-    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
-    loftq_config: Union[dict, Any] = field(default_factory=dict)
-    eva_config: Optional[dict] = None
-    corda_config: Optional[dict] = None
-    lora_ga_config: Optional[dict] = None
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict | None = field(default_factory=dict)
+    alpha_pattern: dict | None = field(default_factory=dict)
+    megatron_config: dict | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    loftq_config: dict | Any = field(default_factory=dict)
+    eva_config: dict | None = None
+    corda_config: dict | None = None
+    lora_ga_config: dict | None = None
     use_dora: bool = False
-    velora_config: Optional[dict] = None
-    alora_invocation_tokens: Optional[list[int]] = None
+    velora_config: dict | None = None
+    alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
-    monteclora_config: Optional[dict] = None
-    layer_replication: Optional[list[tuple[int, int]]] = None
-    runtime_config: Optional[dict] = None
+    monteclora_config: dict | None = None
+    layer_replication: list[tuple[int, int]] | None = None
+    runtime_config: dict | None = None
     lora_bias: bool = False
-    target_parameters: Optional[list[str]] = None
-    use_bdlora: Optional[dict] = None
-    arrow_config: Optional[dict] = None
-    kasa_config: Optional[dict] = None
+    target_parameters: list[str] | None = None
+    use_bdlora: dict | None = None
+    arrow_config: dict | None = None
+    kasa_config: dict | None = None
     ensure_weight_tying: bool = False
 
     _PEFT_TYPE = PeftType.LORA
@@ -451,7 +451,7 @@ class LoraConfig(PeftConfig):
             if not self.loftq_config:
                 raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
         elif self.loftq_config:
-            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.")
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.", stacklevel=2)
             self.loftq_config = {}
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
@@ -462,7 +462,7 @@ class LoraConfig(PeftConfig):
             if self.use_dora:
                 raise ValueError("`lora_bias=True` is not supported for DoRA, please pass use_dora=False.")
         if self.alora_invocation_tokens is not None and self.task_type != TaskType.CAUSAL_LM:
-            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.")
+            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=2)
 
 
 # ----------------------------------------------------------------------------- AdaLoRA
@@ -485,8 +485,8 @@ class AdaLoraConfig(LoraConfig):
     beta1: float = 0.85
     beta2: float = 0.85
     orth_reg_weight: float = 0.5
-    total_step: Optional[int] = None
-    rank_pattern: Optional[dict] = None
+    total_step: int | None = None
+    rank_pattern: dict | None = None
 
     _PEFT_TYPE = PeftType.ADALORA
 
@@ -497,7 +497,7 @@ class AdaLoraConfig(LoraConfig):
         if self.loftq_config:
             raise ValueError("ADALORA does not support LoftQ; remove `loftq_config`.")
         if self.r != 8:
-            warnings.warn("`r` is not used by AdaLoRA and is ignored; set the initial rank with `init_r`.")
+            warnings.warn("`r` is not used by AdaLoRA and is ignored; set the initial rank with `init_r`.", stacklevel=2)
         _check_positive_int("init_r", self.init_r)
         _check_positive_int("target_r", self.target_r)
         for name in ("tinit", "tfinal"):
@@ -529,11 +529,11 @@ class IA3Config(PeftConfig):
     input for ``feedforward_modules`` (which must be among ``target_modules``), else on its
     output."""
 
-    target_modules: Optional[Union[list[str], str]] = None
-    exclude_modules: Optional[Union[list[str], str]] = None
-    feedforward_modules: Optional[Union[list[str], str]] = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
-    modules_to_save: Optional[list[str]] = None
+    modules_to_save: list[str] | None = None
     init_ia3_weights: bool = True
 
     def __post_init__(self) -> None:

@@ -9,7 +9,6 @@ Every failure is reported as :class:`AdapterNotFoundError` naming what was looke
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 __all__ = ["AdapterNotFoundError", "AdapterFormatError", "resolve_file", "is_local_folder"]
 
@@ -32,7 +31,7 @@ def is_local_folder(path_or_repo_id: str) -> bool:
     return os.path.isdir(os.fspath(path_or_repo_id))
 
 
-def _where(path_or_repo_id: str, subfolder: Optional[str], revision: Optional[str]) -> str:
+def _where(path_or_repo_id: str, subfolder: str | None, revision: str | None) -> str:
     where = f"'{path_or_repo_id}'"
     if subfolder:
         where += f" (subfolder '{subfolder}')"
@@ -44,13 +43,13 @@ def _where(path_or_repo_id: str, subfolder: Optional[str], revision: Optional[st
 def resolve_file(
     path_or_repo_id: str,
     filename: str,
-    subfolder: Optional[str] = None,
-    revision: Optional[str] = None,
-    token: Optional[str | bool] = None,
-    cache_dir: Optional[str] = None,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
     required: bool = True,
     local_files_only: bool = False,
-) -> Optional[str]:
+) -> str | None:
     """Return the local path of ``filename`` inside an adapter folder or Hub repo.
 
     Args:
@@ -93,8 +92,8 @@ def _hub_download(repo_id, filename, subfolder, revision, token, cache_dir, requ
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
-        HFValidationError,
         HfHubHTTPError,
+        HFValidationError,
         HTTPError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,

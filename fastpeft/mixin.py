@@ -7,7 +7,6 @@ become fastpeft's). Adapters are stored in ``model.peft_config`` as in Transform
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
 
 from torch import nn
 
@@ -18,10 +17,10 @@ from .config import PeftConfig
 class AdapterMixin:
     """Adapter methods with the names and meanings of Transformers' ``PeftAdapterMixin``."""
 
-    def load_adapter(self, peft_model_id: Optional[str] = None, adapter_name: Optional[str] = None,
-                     revision: Optional[str] = None, token=None, device_map=None,
-                     peft_config: Optional[PeftConfig] = None, adapter_state_dict: Optional[dict] = None,
-                     is_trainable: bool = False, adapter_kwargs: Optional[dict] = None, **kwargs) -> None:
+    def load_adapter(self, peft_model_id: str | None = None, adapter_name: str | None = None,
+                     revision: str | None = None, token=None, device_map=None,
+                     peft_config: PeftConfig | None = None, adapter_state_dict: dict | None = None,
+                     is_trainable: bool = False, adapter_kwargs: dict | None = None, **kwargs) -> None:
         """Load an adapter from a folder / Hub id, or from ``peft_config`` + ``adapter_state_dict``."""
         adapter_name = adapter_name if adapter_name is not None else "default"
         if adapter_name in getattr(self, "peft_config", {}):
@@ -42,7 +41,7 @@ class AdapterMixin:
                         p.requires_grad_(False)
         self._hf_peft_config_loaded = True
 
-    def add_adapter(self, adapter_config: PeftConfig, adapter_name: Optional[str] = None) -> None:
+    def add_adapter(self, adapter_config: PeftConfig, adapter_name: str | None = None) -> None:
         """Add a fresh adapter for training and make it the active one (as Transformers)."""
         adapter_name = adapter_name or "default"
         tuner.inject(self, adapter_config, adapter_name)
@@ -69,7 +68,7 @@ class AdapterMixin:
         self._require_adapters()
         return tuner.active_adapters(self)
 
-    def get_adapter_state_dict(self, adapter_name: Optional[str] = None) -> dict:
+    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict:
         self._require_adapters()
         adapter_name = adapter_name or self.active_adapters()[0]
         return tuner.adapter_state_dict(self, adapter_name)

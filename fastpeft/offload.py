@@ -37,7 +37,7 @@ class _SlotLRU:
     def __init__(self, capacity: int, device: torch.device):
         self.capacity = capacity
         self.device = device
-        self.slots: "OrderedDict[str, int]" = OrderedDict()  # name -> slot, least recent first
+        self.slots: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
         self.loads = 0
         self.evictions = 0
 

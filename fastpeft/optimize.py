@@ -38,7 +38,6 @@ layer before anything is replaced, so a failed call leaves the model untouched.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -129,13 +128,13 @@ class _PeftLayerAPI:
         available = self._all_available_adapter_names()
         if available:
             warnings.warn(
-                f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {available[0]}."
+                f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {available[0]}.", stacklevel=2
             )
             self.set_adapter(available[0])
         else:
             self.set_adapter([])
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list | None = None) -> None:
         super().merge(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
@@ -343,7 +342,7 @@ def _peft_classes() -> dict:
     return {LoraPeftLinear: "lora", LoraPeftEmbedding: "embedding", SVDLinear: "adalora", IA3PeftLinear: "ia3"}
 
 
-def _unsupported_reason(kind: str, m: nn.Module) -> Optional[str]:
+def _unsupported_reason(kind: str, m: nn.Module) -> str | None:
     """Why PEFT layer ``m`` cannot become a fastpeft layer (None: it can)."""
     base = m.base_layer
     bk = base_kind(base)
@@ -501,7 +500,7 @@ def optimize(model: nn.Module, *, strict: bool = False, pack: bool = True) -> nn
         msg = "; ".join(f"{p}: {r}" for p, r in skipped[:5]) + (f" (and {len(skipped) - 5} more)" if len(skipped) > 5 else "")
         if strict:
             raise ValueError(f"fastpeft.optimize(strict=True): {len(skipped)} PEFT layer(s) cannot be replaced: {msg}")
-        warnings.warn(f"fastpeft.optimize: {len(skipped)} PEFT layer(s) left as they are (they still work): {msg}")
+        warnings.warn(f"fastpeft.optimize: {len(skipped)} PEFT layer(s) left as they are (they still work): {msg}", stacklevel=2)
     mapping = {id(m): _convert(kind, m) for _, kind, m in plan}
     _replace_everywhere(model, mapping)
     if pack:

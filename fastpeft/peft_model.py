@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
 
 from torch import nn
 
@@ -92,9 +91,9 @@ class PeftModel(nn.Module):
     # ----- construction ----------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, config: Optional[PeftConfig] = None,
-                        revision: Optional[str] = None, token=None, subfolder: Optional[str] = None,
-                        autocast_adapter_dtype: bool = True, **kwargs) -> "PeftModel":
+                        is_trainable: bool = False, config: PeftConfig | None = None,
+                        revision: str | None = None, token=None, subfolder: str | None = None,
+                        autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
         """Load a saved adapter (PEFT format) from a folder or Hub repo id onto ``model``."""
         hub_kw = dict(subfolder=subfolder, revision=revision, token=token)
         if config is None:
@@ -123,7 +122,7 @@ class PeftModel(nn.Module):
         return self.base_model.active_adapter
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     revision: Optional[str] = None, token=None, subfolder: Optional[str] = None, **kwargs):
+                     revision: str | None = None, token=None, subfolder: str | None = None, **kwargs):
         """Load another saved adapter under ``adapter_name`` (not made active)."""
         hub_kw = dict(subfolder=subfolder, revision=revision, token=token)
         config = PeftConfig.from_pretrained(model_id, **hub_kw)

@@ -8,7 +8,7 @@ as bitsandbytes layers. fastpeft's adapters on them run the fused dequantizing k
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -125,8 +125,8 @@ def quantize(
     bits: int = 4,
     quant_type: str = "nf4",
     double_quant: bool = True,
-    compute_dtype: Optional[torch.dtype] = None,
-    skip_modules: Optional[Union[str, Iterable[str]]] = None,
+    compute_dtype: torch.dtype | None = None,
+    skip_modules: str | Iterable[str] | None = None,
 ) -> nn.Module:
     """Replace ``model``'s ``nn.Linear`` layers in place by bitsandbytes-format quantized layers.
 
@@ -161,7 +161,7 @@ def quantize(
 
     new_layers = []
     with torch.no_grad():
-        for name, parent, child, module in targets:
+        for _name, parent, child, module in targets:
             if bits == 4:
                 layer = make_linear4bit(
                     module.weight.data, module.bias, quant_type=quant_type, double_quant=double_quant,

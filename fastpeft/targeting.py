@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch.nn as nn
 
-from .config import AdaLoraConfig, IA3Config, PeftConfig, TaskType, peft_type_name
 from ._optional import transformers_conv1d, transformers_pretrained_model
+from .config import AdaLoraConfig, IA3Config, PeftConfig, TaskType, peft_type_name
 
 __all__ = [
     "NoMatchingModuleError",
@@ -61,7 +61,7 @@ class NoMatchingModuleError(ValueError):
 # Values from PEFT 0.21 peft/utils/constants.py (TRANSFORMERS_MODELS_TO_*_MODULES_MAPPING), keyed by
 # `model.config.model_type`. None where PEFT has no entry for that method.
 _QV = ["q_proj", "v_proj"]
-_DEFAULTS: dict[str, dict[str, Optional[list[str]]]] = {
+_DEFAULTS: dict[str, dict[str, list[str] | None]] = {
     #  model_type:  LORA, ADALORA, IA3 target, IA3 feedforward
     "llama": {"LORA": _QV, "ADALORA": _QV, "IA3": ["k_proj", "v_proj", "down_proj"], "IA3_FF": ["down_proj"]},
     "mistral": {"LORA": _QV, "ADALORA": None, "IA3": ["k_proj", "v_proj", "down_proj"], "IA3_FF": ["down_proj"]},
@@ -86,7 +86,7 @@ _DEFAULTS: dict[str, dict[str, Optional[list[str]]]] = {
 }
 
 
-def default_target_modules(peft_type, model_type: str) -> Optional[list[str]]:
+def default_target_modules(peft_type, model_type: str) -> list[str] | None:
     """PEFT's default ``target_modules`` for ``peft_type`` ("LORA", "ADALORA", "IA3") on a
     Transformers ``model_type`` ("llama", "gpt2", ...); None when PEFT has no default."""
     key = str(getattr(peft_type, "value", peft_type))
@@ -96,13 +96,13 @@ def default_target_modules(peft_type, model_type: str) -> Optional[list[str]]:
     return list(entry) if entry is not None else None
 
 
-def default_feedforward_modules(model_type: str) -> Optional[list[str]]:
+def default_feedforward_modules(model_type: str) -> list[str] | None:
     """PEFT's default IA3 ``feedforward_modules`` for a Transformers ``model_type``, or None."""
     entry = _DEFAULTS.get(model_type, {}).get("IA3_FF")
     return list(entry) if entry is not None else None
 
 
-def _model_type(model: Optional[nn.Module]) -> str:
+def _model_type(model: nn.Module | None) -> str:
     """``model.config.model_type`` (PEFT uses "custom" for models without a config)."""
     config = getattr(model, "config", None)
     if isinstance(config, dict):
@@ -262,7 +262,7 @@ def _is_excluded(path: str, config: PeftConfig) -> bool:
     return any(re.match(rf"(^|.*\.){m}($|\..*)", path) for m in modules_to_save)
 
 
-def _layer_index(path: str, layers_pattern) -> Optional[int]:
+def _layer_index(path: str, layers_pattern) -> int | None:
     """The transformer-block index in ``path`` (the first number after the layers container)."""
     if not layers_pattern:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
@@ -286,7 +286,7 @@ def _in_layers(path: str, config: PeftConfig) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def is_target(module_path: str, module: Optional[nn.Module], config: PeftConfig, model: Optional[nn.Module] = None) -> bool:
+def is_target(module_path: str, module: nn.Module | None, config: PeftConfig, model: nn.Module | None = None) -> bool:
     """Whether the module at ``module_path`` gets the adapter described by ``config``.
 
     ``target_modules=None`` and ``"all-linear"`` need ``model`` (defaults come from its
@@ -342,7 +342,7 @@ def find_target_modules(model: nn.Module, config: PeftConfig) -> list[str]:
     if getattr(config, "exclude_modules", None) and not excluded:
         import warnings
 
-        warnings.warn(f"exclude_modules={config.exclude_modules!r} were passed but no module was excluded.")
+        warnings.warn(f"exclude_modules={config.exclude_modules!r} were passed but no module was excluded.", stacklevel=2)
     return found
 
 
@@ -364,7 +364,7 @@ def _no_match_message(config: PeftConfig, names: list[str], excluded: list[str])
 # --------------------------------------------------------------------------- ranks
 
 
-def _pattern_value(patterns: Optional[dict], module_path: str, default):
+def _pattern_value(patterns: dict | None, module_path: str, default):
     """PEFT's ``get_pattern_key``: the first key ``k`` (dict order) with
     ``re.match(rf"(.*\\.)?({k})$", module_path)`` gives the value."""
     for key, value in (patterns or {}).items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ def _parent(model: nn.Module, path: str):
     return model, path
 
 
-def _adapter_dtype(base: nn.Module, autocast: bool) -> Optional[torch.dtype]:
+def _adapter_dtype(base: nn.Module, autocast: bool) -> torch.dtype | None:
     w = getattr(base, "weight", None)
     if w is None or not w.is_floating_point():
         return torch.float32
@@ -80,7 +80,7 @@ def _adapter_dtype(base: nn.Module, autocast: bool) -> Optional[torch.dtype]:
 
 
 def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
-           autocast_adapter_dtype: bool = False, weights: Optional[dict] = None) -> list[str]:
+           autocast_adapter_dtype: bool = False, weights: dict | None = None) -> list[str]:
     """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place, and fill it
     from ``weights`` (a PEFT-format state dict) when given.
 
@@ -269,7 +269,7 @@ def load_weights(model: nn.Module, file_sd: dict, adapter_name: str, config: Pef
     expected = set(checkpoint.expected_adapter_keys(own.keys(), adapter_name))
     missing = sorted(k for k in expected if k not in mapped)
     if missing:
-        warnings.warn(f"adapter {adapter_name!r}: {len(missing)} weight(s) not in the file, e.g. {missing[:3]}")
+        warnings.warn(f"adapter {adapter_name!r}: {len(missing)} weight(s) not in the file, e.g. {missing[:3]}", stacklevel=2)
     with torch.no_grad():
         for key, t in mapped.items():
             own[key].copy_(t)
@@ -335,7 +335,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]]):
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]):
     """Row ``i`` of every batch in this block uses adapter ``adapter_names[i]``
     (``"__base__"`` or ``None``: no adapter). Nothing is left behind if the block raises."""
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
@@ -355,7 +355,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[Optional[str]]):
             layer._mixed_names = names
         yield
     finally:
-        for layer, p in zip(layers, previous):
+        for layer, p in zip(layers, previous, strict=True):
             layer._mixed_names = p
         for h in handles:
             h.remove()

@@ -28,3 +28,13 @@ def device(request):
 def devices():
     """The list of device names the suite runs on here."""
     return list(DEVICES)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests skip where there is no CUDA device (the marker is the skip)."""
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="gpu: needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

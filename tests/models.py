@@ -2,7 +2,6 @@
 import copy
 
 import torch
-
 import transformers as tf
 
 

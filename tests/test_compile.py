@@ -11,7 +11,10 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import fastpeft
+
 from models import logits, randomize_adapters, tiny
+
+pytestmark = pytest.mark.slow  # torch.compile (dynamo, aot_eager, inductor) of whole models
 
 ATOL = 1e-5
 
@@ -161,7 +164,7 @@ def _rows_alone(fm, model, kw, names):
     return torch.cat(outs)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu  # CUDA graphs
 def test_cuda_graph_step_follows_set_adapter_and_mixed_batch():
     """A model step (a short batch of tokens) captured once into a CUDA graph is replayed after
     set_adapter / a new mixed batch of the same size: the slot tensors are updated in place, so

@@ -132,7 +132,8 @@ def check_against_reference(op_name, reference, args, name):
     out = native(op_name)(*args)
     plain = reference(*args)
     exact = reference(*to_fp64(args))
-    assert out.shape == plain.shape and out.dtype == plain.dtype, f"{name}: {out.shape} {out.dtype} vs {plain.shape} {plain.dtype}"
+    assert out.shape == plain.shape and out.dtype == plain.dtype, (
+        f"{name}: {out.shape} {out.dtype} vs {plain.shape} {plain.dtype}")
     assert out.is_contiguous()
     assert_close_to_ref(out, plain, exact, name)
 
@@ -183,7 +184,8 @@ def test_adapter_linear_matches_reference(case, dtype, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("slots", ["mixed", "broadcast"])
-@pytest.mark.parametrize("dtype,lora_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("dtype,lora_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                              (torch.float32, torch.bfloat16)], ids=str)
 def test_adapter_linear_adapters_in_other_dtype(dtype, lora_dtype, slots, device):
     """The low-rank path runs in lora_a's dtype, the result is cast to x's dtype."""
     for dora in (False, True):
@@ -420,6 +422,7 @@ def test_routed_op_trains_through_cpp(cpp_backend_selected):
     torch.testing.assert_close(args[3].grad, args2[3].grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph(cpp_backend_selected):
     torch._dynamo.reset()
 
@@ -437,6 +440,7 @@ def test_torch_compile_fullgraph(cpp_backend_selected):
 
 
 # --------------------------------------------------------------------------- C++ program
+@pytest.mark.slow
 def test_cpp_program_calls_native_op(tmp_path):
     """A C++ program linked against libtorch loads the library, calls
     fastpeft::native_adapter_linear through the dispatcher; the output matches the reference."""
@@ -486,6 +490,7 @@ def test_cpp_program_calls_native_op(tmp_path):
 
 
 # --------------------------------------------------------------------------- import without the extension
+@pytest.mark.slow
 def test_import_without_extension_marks_backends_unavailable():
     code = (
         "import sys; sys.modules['fastpeft._C'] = None\n"
@@ -509,6 +514,7 @@ def test_import_without_extension_marks_backends_unavailable():
 needs_cuda = pytest.mark.skipif("cuda" not in DEVICES, reason="no CUDA device, or the extension was built without CUDA")
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_backend_registered():
     assert backends.available_backends(verbose=True)["cuda"] is None
@@ -520,6 +526,7 @@ def test_cuda_backend_registered():
         backends.set_backend(before)
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("kw", [dict(M=64, J=2, dora=True), dict(M=128, slots="broadcast"), dict(M=3, ia3_out="vec")])
 def test_cuda_ops_do_not_sync_with_host(kw):
@@ -530,11 +537,13 @@ def test_cuda_ops_do_not_sync_with_host(kw):
     try:
         native("native_adapter_linear")(*args)
         native("native_adapter_embedding")(*eargs)
-        native("native_lora_shrink_expand")(torch.zeros(args[0].shape[0], args[1].shape[0], device="cuda", dtype=torch.bfloat16), *args[:1], *args[3:7])
+        y = torch.zeros(args[0].shape[0], args[1].shape[0], device="cuda", dtype=torch.bfloat16)
+        native("native_lora_shrink_expand")(y, *args[:1], *args[3:7])
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_graph_capture():
     args = make_linear(M=16, device="cuda", dtype=torch.float16, J=2, dora=True)
@@ -553,6 +562,7 @@ def test_cuda_graph_capture():
     torch.testing.assert_close(out, expect)
 
 
+@pytest.mark.gpu
 @needs_cuda
 def test_cuda_float64_falls_back_to_aten():
     args = make_linear(device="cuda", dtype=torch.float64, J=2, dora=True)

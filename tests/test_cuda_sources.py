@@ -23,6 +23,7 @@ CSRC = REPO / "csrc"
 SCRIPT = REPO / "tools" / "check_cuda_compile.sh"
 
 
+@pytest.mark.slow
 def test_check_cuda_compile_script():
     res = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, cwd=REPO, timeout=900)
     out = res.stdout + res.stderr

@@ -109,7 +109,7 @@ def test_plans_survive_model_forwards(backend):
         for _ in range(3):
             fm(x)
         assert [fm.base_model.model.q._fast, fm.base_model.model.o._fast] == plans
-        assert all(p(torch.randn(1, p_in)) is not None for p, p_in in zip(plans, (K, N)))
+        assert all(p(torch.randn(1, p_in)) is not None for p, p_in in zip(plans, (K, N), strict=True))
 
 
 def test_replaced_modules_and_assigned_state_dicts_are_seen(backend):

@@ -7,6 +7,7 @@ import torch
 from huggingface_hub import constants
 
 import fastpeft
+
 from models import fresh_copy, logits, randomize_adapters, tiny
 
 SHA_A = "a" * 40

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 import fastpeft
 from fastpeft.nn import AdapterLayer, LoraLinear
 from fastpeft.offload import keep_adapters_on_cpu
+
 from models import fresh_copy, logits, randomize_adapters, tiny
 
 ATOL = 1e-5
@@ -70,7 +71,7 @@ def test_every_adapter_aliases_its_stack_and_memory_ratio(many):
             assert torch.equal(flat_a[pages[0] * 4:pages[0] * 4 + r], m.lora_A[n].weight)
             assert (flat_a[pages[0] * 4 + r:(pages[-1] + 1) * 4] == 0).all()  # the page's tail: zeros
         assert m._packed["scales"].tolist() == pytest.approx(
-            [m.scaling[n] for n, r in zip(m._adapters, ranks) for _ in range(-(-r // 4))])
+            [m.scaling[n] for n, r in zip(m._adapters, ranks, strict=True) for _ in range(-(-r // 4))])
     padded = sum(-(-r // 4) * 4 for r in ranks) / sum(ranks)  # zero rows only up to a page
     assert stack / own == pytest.approx(padded, rel=1e-6) and stack / own < 1.2
     print(f"\n{N_ADAPTERS} adapters, ranks 1..16: stacks {stack / 1e6:.2f} MB, adapter weights "
@@ -140,6 +141,7 @@ def test_delete_and_add_repack_and_keep_outputs(many):
         torch.testing.assert_close(got, logits(model, kw), atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_model_does_not_recompile_on_switch_add_delete():
     torch._dynamo.reset()
     counters.clear()
@@ -219,6 +221,7 @@ def test_keep_adapters_on_cpu_lru_bookkeeping_and_outputs():
     check("a11")  # still consistent after the refused batch
 
 
+@pytest.mark.slow
 def test_offload_with_compiled_model_no_recompile():
     torch._dynamo.reset()
     counters.clear()

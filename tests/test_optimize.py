@@ -11,7 +11,9 @@ from torch import nn
 
 import fastpeft
 from fastpeft.nn import AdapterLayer
+
 from models import fresh_copy, logits, randomize_adapters, tiny
+from peers import needs_transformers_peft
 
 ATOL = 1e-5
 
@@ -296,6 +298,7 @@ def test_unsupported_layers_left_with_warning_or_strict_error():
     assert not torch.allclose(base, expected)
 
 
+@needs_transformers_peft  # Transformers' own load_adapter checks peft's version
 def test_transformers_load_adapter_then_optimize(tmp_path):
     pm, pristine, inputs, names, mixed = _peft_model("llama-lora-mixed")
     pm.save_pretrained(str(tmp_path))
@@ -433,6 +436,7 @@ def test_generate_mixed_batch_matches_peft_and_rows_alone(arch, num_beams, tmp_p
         torch.testing.assert_close(fm.generate(**kw, adapter_names=names, **GEN, **gen), expected, atol=0, rtol=0)
 
 
+@needs_transformers_peft  # Transformers' own load_adapter checks peft's version
 def test_transformers_generate_with_fastpeft_mixed_batch_and_num_return_sequences(tmp_path):
     pm, pristine, inputs, names, _ = _peft_model("llama-lora-mixed")
     pm.save_pretrained(str(tmp_path))

@@ -43,7 +43,7 @@ def _models(dtype=torch.float32, ranks=RANKS, seed=0):
     cfg = lambda r: dict(r=r, lora_alpha=2 * r + 1, target_modules=["q"])  # noqa: E731
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg(ranks[0])), adapter_name=NAMES[0])
     fm = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**cfg(ranks[0])), adapter_name=NAMES[0])
-    for n, r in zip(NAMES[1:], ranks[1:]):
+    for n, r in zip(NAMES[1:], ranks[1:], strict=True):
         pm.add_adapter(n, peft.LoraConfig(**cfg(r)))
         fm.add_adapter(n, fastpeft.LoraConfig(**cfg(r)))
     with torch.no_grad():
@@ -290,12 +290,12 @@ def test_paged_layer_on_4bit_base_matches_peft(monkeypatch):
     pristine = fresh_copy(base)
     cfg = lambda r: peft.LoraConfig(r=r, lora_alpha=r + 2, target_modules=["q_proj", "v_proj"])  # noqa: E731
     pm = peft.get_peft_model(base, cfg(RANKS[0]), adapter_name=NAMES[0])
-    for n, r in zip(NAMES[1:], RANKS[1:]):
+    for n, r in zip(NAMES[1:], RANKS[1:], strict=True):
         pm.add_adapter(n, cfg(r))
     randomize_adapters(pm)
     pm.eval()
     fm = fastpeft.get_peft_model(fresh_copy(pristine), fastpeft.LoraConfig(**cfg(RANKS[0]).to_dict()), adapter_name=NAMES[0])
-    for n, r in zip(NAMES[1:], RANKS[1:]):
+    for n, r in zip(NAMES[1:], RANKS[1:], strict=True):
         fm.add_adapter(n, fastpeft.LoraConfig(**cfg(r).to_dict()))
     missing, unexpected = fm.load_state_dict({k: v for k, v in pm.state_dict().items() if "lora_" in k}, strict=False)
     assert not unexpected and not any("lora_" in k for k in missing)
@@ -313,6 +313,7 @@ def test_paged_layer_on_4bit_base_matches_peft(monkeypatch):
         torch.testing.assert_close(fm(**kw, adapter_names=names).logits, pm(**kw, adapter_names=names).logits, **tol)
 
 
+@pytest.mark.slow
 def test_paged_layer_under_torch_compile_no_recompile():
     import torch._dynamo
     from torch._dynamo.utils import counters
@@ -383,7 +384,7 @@ def test_paged_adalora_layer_matches_peft():
         torch.testing.assert_close(fm(x), pm(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.gpu  # CUDA graphs
 def test_cuda_graph_of_a_paged_layer_follows_set_adapter_and_mixed_batch():
     """On a GPU the page slots (not the CPU's one-adapter views) reach the kernels, updated in
     place, so a captured graph replays with the new adapter or the new mixed batch."""
@@ -420,6 +421,7 @@ def test_cuda_graph_of_a_paged_layer_follows_set_adapter_and_mixed_batch():
             torch.testing.assert_close(out2, pm(x, adapter_names=names), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_model_after_the_layer_goes_unpaged():
     """Deleting adapters until the layer is unpaged changes what compiled code reads (page
     slots -> plain slots): one recompilation, and the outputs stay PEFT's."""

@@ -1,23 +1,25 @@
 """Parity with the real peft library: adapters made by peft load in fastpeft with the same
 outputs, and fastpeft's saves load in peft with the same outputs."""
-import copy
 
 import peft
 import pytest
 import torch
 
 import fastpeft
+
 from models import fresh_copy, logits, randomize_adapters, tiny
 
 ATOL = 1e-5
 
 LORA_CASES = {
     "llama-lora-suffix": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
-    "llama-rslora-regex": ("llama", lambda: peft.LoraConfig(r=8, lora_alpha=4, use_rslora=True, target_modules=r".*\.(k_proj|up_proj)")),
+    "llama-rslora-regex": ("llama", lambda: peft.LoraConfig(r=8, lora_alpha=4, use_rslora=True,
+                                                         target_modules=r".*\.(k_proj|up_proj)")),
     "llama-all-linear-patterns": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                                 rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3})),
-    "llama-layers-to-transform": ("llama", lambda: peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"], layers_to_transform=[1],
-                                                                layers_pattern="layers", exclude_modules=["o_proj"])),
+    "llama-layers-to-transform": ("llama", lambda: peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"],
+                                                                layers_to_transform=[1], layers_pattern="layers",
+                                                                exclude_modules=["o_proj"])),
     "llama-dora": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "gate_proj"])),
     "llama-lora-bias": ("llama", lambda: peft.LoraConfig(r=4, lora_bias=True, target_modules=["v_proj"])),
     "llama-embedding": ("llama", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
@@ -25,13 +27,19 @@ LORA_CASES = {
     "opt-lora-only-bias": ("opt", lambda: peft.LoraConfig(r=4, target_modules=["k_proj", "fc2"], bias="lora_only")),
     "gpt2-conv1d": ("gpt2", lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
     "gpt2-conv1d-dora": ("gpt2", lambda: peft.LoraConfig(r=4, use_dora=True, target_modules=["c_proj"], fan_in_fan_out=True)),
-    "roberta-tok-modules-to-save": ("roberta_tok", lambda: peft.LoraConfig(r=4, target_modules=["query", "value"], task_type="TOKEN_CLS")),
+    "roberta-tok-modules-to-save": ("roberta_tok", lambda: peft.LoraConfig(r=4, target_modules=["query", "value"],
+                                                                          task_type="TOKEN_CLS")),
     "t5-lora": ("t5", lambda: peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q", "v", "wi"], task_type="SEQ_2_SEQ_LM")),
-    "llama-ia3": ("llama", lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
-    "t5-ia3": ("t5", lambda: peft.IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"], task_type="SEQ_2_SEQ_LM")),
-    "gpt2-ia3": ("gpt2", lambda: peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)),
-    "gpt2-adalora-conv1d": ("gpt2", lambda: peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, total_step=10)),
-    "llama-adalora": ("llama", lambda: peft.AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, target_modules=["q_proj", "v_proj"], total_step=10)),
+    "llama-ia3": ("llama", lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                  feedforward_modules=["down_proj"])),
+    "t5-ia3": ("t5", lambda: peft.IA3Config(target_modules=["k", "v", "wo"], feedforward_modules=["wo"],
+                                            task_type="SEQ_2_SEQ_LM")),
+    "gpt2-ia3": ("gpt2", lambda: peft.IA3Config(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                                                fan_in_fan_out=True)),
+    "gpt2-adalora-conv1d": ("gpt2", lambda: peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=["c_attn"],
+                                                               fan_in_fan_out=True, total_step=10)),
+    "llama-adalora": ("llama", lambda: peft.AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                          total_step=10)),
 }
 
 
@@ -161,13 +169,15 @@ def test_bf16_matches_peft(tmp_path):
 def test_merge_unmerge_and_unload(tmp_path):
     base, inputs = tiny("llama")
     pristine = fresh_copy(base)
-    fm = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=4, lora_alpha=8, use_dora=False, target_modules=["q_proj", "down_proj"]))
+    config = fastpeft.LoraConfig(r=4, lora_alpha=8, use_dora=False, target_modules=["q_proj", "down_proj"])
+    fm = fastpeft.get_peft_model(base, config)
     randomize_adapters(fm)
     fm.eval()
     kw = inputs()
     expected = logits(fm, kw)
     with fm.disable_adapter():
         base_out = logits(fm, kw)
+    torch.testing.assert_close(base_out, logits(pristine, kw), atol=0, rtol=0)  # disabled: the base model exactly
     fm.merge_adapter()
     torch.testing.assert_close(logits(fm, kw), expected, atol=1e-5, rtol=1e-5)
     fm.unmerge_adapter()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import fastpeft
+
 from models import fresh_copy, logits, randomize_adapters, tiny
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -37,6 +37,7 @@ from fastpeft.quant.layers import (  # noqa: E402
     quantized_like,
 )
 from fastpeft.quantize import quantize  # noqa: E402
+
 from tolerance import ATOL, RTOL  # noqa: E402
 
 BACKENDS = ["torch"] + (["triton"] if "triton" in ops.available_backends() else [])
@@ -104,7 +105,7 @@ def test_quantize_4bit_equals_bnb_layers(dtype, quant_type, double_quant):
     assert quantize(model, bits=4, quant_type=quant_type, double_quant=double_quant) is model
     assert getattr(model, "is_loaded_in_4bit", False)
     x = torch.randn(5, 64, dtype=dtype)
-    for i, r in zip((0, 2, 4), refs):
+    for i, r in zip((0, 2, 4), refs, strict=True):
         q = model[i]
         assert type(q) is bnb.nn.Linear4bit and is_quantized_linear(q)
         assert torch.equal(q.weight.data, r.weight.data) and q.weight.quant_state == r.weight.quant_state
@@ -123,7 +124,7 @@ def test_quantize_8bit_equals_bnb_layers(dtype):
     refs = [bnb_reference(model[i], 8) for i in (0, 2, 4)]
     quantize(model, bits=8)
     assert getattr(model, "is_loaded_in_8bit", False)
-    for i, r in zip((0, 2, 4), refs):
+    for i, r in zip((0, 2, 4), refs, strict=True):
         q = model[i]
         assert type(q) is bnb.nn.Linear8bitLt and is_quantized_linear(q)
         assert torch.equal(q.weight.data, r.weight.data) and torch.equal(q.weight.SCB, r.weight.SCB)
@@ -344,7 +345,8 @@ def test_peft_lora_parity_tiny_llama(backend, bits):
                 slots = torch.tensor([[0]], dtype=torch.int32)
             else:
                 per_row = {"default": 0, "__base__": -1, "other": 1}
-                slots = torch.tensor([per_row[s] for s in adapter_names], dtype=torch.int32).repeat_interleave(x.shape[1])[:, None]
+                slots = torch.tensor([per_row[s] for s in adapter_names], dtype=torch.int32)
+                slots = slots.repeat_interleave(x.shape[1])[:, None]
             got = quantized_adapter_linear(layer.base_layer, x2, a, b, scales, slots, None, None, None)
             got = got.reshape(want.shape)
             if backend == "torch":  # same operations in the same order as PEFT + bitsandbytes

@@ -16,6 +16,7 @@ if not torch.cuda.is_available():  # normally done by tests/conftest.py; harmles
 import fastpeft.ops as ops  # noqa: E402
 from fastpeft.ops import reference as ref  # noqa: E402
 from fastpeft.quant import formats as F  # noqa: E402
+
 from tolerance import assert_close_to_ref  # noqa: E402
 
 HAS_TRITON = "triton" in ops.available_backends()
@@ -156,7 +157,7 @@ def test_backward_matches_dequantized_reference(dev):
     x2, a2, b2 = (t.clone().requires_grad_(True) for t in (c.x, a, b))
     y2 = ref.adapter_linear(x2, c.w, c.bias, a2, b2, sc, ts, ds, ins, outs)
     g = torch.randn_like(y1)
-    for t1, t2 in zip(torch.autograd.grad(y1, (x1, a1, b1), g), torch.autograd.grad(y2, (x2, a2, b2), g)):
+    for t1, t2 in zip(torch.autograd.grad(y1, (x1, a1, b1), g), torch.autograd.grad(y2, (x2, a2, b2), g), strict=True):
         torch.testing.assert_close(t1, t2)
 
 
@@ -170,6 +171,7 @@ def _check(c, name):
     assert_close_to_ref(out, plain, c.exact(), name)
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False), ("nf4", False), ("fp4", True)])
@@ -178,6 +180,7 @@ def test_triton_4bit_decode_mixed(dev, dtype, quant_type, nested):
     _check(c, f"4bit {quant_type} nested={nested} {dtype}")
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_8bit_decode_mixed(dev, dtype):
@@ -185,6 +188,7 @@ def test_triton_8bit_decode_mixed(dev, dtype):
     _check(c, f"8bit {dtype}")
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("fmt", [4, 8])
 @pytest.mark.parametrize("shape", [(1, 64, 40), (7, 75, 40), (3, 63, 33), (20, 192, 130)])
@@ -195,6 +199,7 @@ def test_triton_odd_shapes_rank1(dev, fmt, shape):
     _check(c, f"fmt={fmt} {shape}")
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("fmt", [4, 8])
 def test_triton_epilogue_dora_ia3_multi(dev, fmt):
@@ -207,6 +212,7 @@ def test_triton_epilogue_dora_ia3_multi(dev, fmt):
     _check(c, f"fmt={fmt} dora broadcast J=2")
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("M,K,N,blocksize", [(3, 128, 40, 32), (20, 256, 48, 256), (4, 100, 40, 64), (2, 512, 24, 128)])
 def test_triton_4bit_blocksizes(dev, M, K, N, blocksize):
@@ -215,6 +221,7 @@ def test_triton_4bit_blocksizes(dev, M, K, N, blocksize):
     _check(c, f"blocksize={blocksize} K={K}")
 
 
+@pytest.mark.slow
 @needs_triton
 def test_triton_backend_is_the_triton_kernel(dev, triton_backend):
     from fastpeft.ops import backends, triton_quant
@@ -223,18 +230,21 @@ def test_triton_backend_is_the_triton_kernel(dev, triton_backend):
     assert backends.resolve("adapter_linear_8bit", dev.type) is triton_quant.adapter_linear_8bit
 
 
+@pytest.mark.slow
 @needs_triton
 def test_triton_ia3_only_no_bias(dev):
     c = Case(dev, 6, 128, 64, dtype=torch.float32, lora=False, bias=False, ins="k", outs="mn")
     _check(c, "ia3 only")
 
 
+@pytest.mark.slow
 @needs_triton
 def test_triton_compute_dtype_differs_from_x(dev):
     c = Case(dev, 4, 128, 64, dtype=torch.float32, compute_dtype=torch.bfloat16, lora_dtype=torch.float32)
     _check(c, "fp32 x, bf16 compute")
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.parametrize("path,split", [("fused", 3), ("base_fused", 1), ("dequant", 1)])
 @pytest.mark.parametrize("fmt", [4, 8])
@@ -244,6 +254,7 @@ def test_triton_paths_and_split_k(dev, knobs, fmt, path, split):
     _check(c, f"{path} split={split}")
 
 
+@pytest.mark.slow
 @needs_triton
 def test_triton_prefill_rows(dev, knobs):
     # more rows than the decode tile, fused GEMM tiling, and the same shape through the dequant path
@@ -258,6 +269,7 @@ def test_triton_prefill_rows(dev, knobs):
     assert QL.plan_path(32, 2 * QL.MAX_FUSED_COLS) == "base_fused" and QL.plan_path(32, QL.MAX_FUSED_COLS) == "fused"
 
 
+@pytest.mark.slow
 @needs_triton
 def test_triton_dequantize_kernel_exact(dev):
     from fastpeft.kernels import quant_linear as QL
@@ -274,6 +286,7 @@ def test_triton_dequantize_kernel_exact(dev):
         torch.testing.assert_close(got, want, rtol=2e-7, atol=0)  # an FMA may round the nested absmax once
 
 
+@pytest.mark.slow
 @needs_triton
 def test_triton_rejects_bad_shapes(dev, triton_backend):
     c = Case(dev, 3, 64, 48, dtype=torch.float32, lora=False)
@@ -311,6 +324,7 @@ print("compiled", len(out.asm["cubin"]), "bytes of sm_90 code")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tests above compile and run the kernels")
 @pytest.mark.parametrize("fmt,dt,mixed", [(4, "bf16", True), (8, "fp16", False)])
 def test_kernel_compiles_for_sm90(fmt, dt, mixed):

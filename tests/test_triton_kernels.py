@@ -12,13 +12,17 @@ import torch
 
 import fastpeft.ops as ops
 from fastpeft.ops import backends, reference
+
 from tolerance import assert_close_to_ref
 
 HAS_CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(
-    "triton" not in ops.available_backends(),
-    reason=f"triton backend unavailable: {ops.available_backends(verbose=True).get('triton')}",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        "triton" not in ops.available_backends(),
+        reason=f"triton backend unavailable: {ops.available_backends(verbose=True).get('triton')}",
+    ),
+    pytest.mark.slow,  # without a GPU every test here runs the Triton interpreter
+]
 
 if "triton" in ops.available_backends():
     from fastpeft.kernels import lora_embedding as LE
@@ -297,7 +301,7 @@ def test_grad_matches_reference(device):
     finally:
         ops.set_backend(prev)
     assert len(grads["torch"]) == len(grads["triton"]) == 9
-    for gr, gt in zip(grads["torch"], grads["triton"]):
+    for gr, gt in zip(grads["torch"], grads["triton"], strict=True):
         torch.testing.assert_close(gt, gr, atol=1e-4, rtol=1e-4)
 
 
@@ -314,7 +318,7 @@ def test_compile_fullgraph(device, triton_backend):
     torch.testing.assert_close(out, f(*args), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.gpu  # CUDA graphs
 @pytest.mark.parametrize("path", PATHS)
 def test_cuda_graph_capture(triton_backend, path):
     device = torch.device("cuda")

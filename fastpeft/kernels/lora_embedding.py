@@ -7,8 +7,6 @@ the rank-R product is a handful of fp32 FMAs per output (no tensor cores needed)
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -50,10 +48,10 @@ def _embedding_kernel(
 def adapter_embedding(
     ids: Tensor,
     weight: Tensor,
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
 ) -> Tensor:
     """Triton implementation of ``torch.ops.fastpeft.adapter_embedding`` (contract in ``_schema.py``)."""
     if weight.is_cuda and weight.device.index != torch.cuda.current_device():

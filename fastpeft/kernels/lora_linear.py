@@ -33,7 +33,7 @@ shapes (CUDA graphs and ``torch.compile`` can capture the launch).
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -506,7 +506,8 @@ def _lora_add_kernel(
         live = tl.max(sl) >= 0
         xa = tl.zeros((BM, JRP), dtype=tl.float32)
         for i in range(XA_SPLITS):
-            xa += tl.load(xa_ptr + (i * M + rows64[:, None]) * JRP + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            xa += tl.load(xa_ptr + (i * M + rows64[:, None]) * JRP + cols[None, :],
+                          mask=rmask[:, None] & cmask[None, :], other=0.0)
         sc = tl.load(scale_ptr + tl.maximum(sl, 0), mask=sl >= 0, other=0.0).to(tl.float32)
         xa_s = xa * sc
 
@@ -556,7 +557,7 @@ _overrides: dict = {"path": None, "split_k": None, "split_shrink": None}
 
 
 @contextlib.contextmanager
-def override(path: Optional[str] = None, split_k: Optional[int] = None, split_shrink: Optional[str] = None):
+def override(path: str | None = None, split_k: int | None = None, split_shrink: str | None = None):
     """Force a path and/or a split-K factor (tests, benchmarks); plans made inside are dropped after.
 
     path: "decode" / "fused" (the fused kernel with decode or GEMM tiling, shrink inside it),
@@ -796,7 +797,7 @@ def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_
     return Plan(path, (tiles, sk), meta, sk, k_per, xa_splits, xa_k, xa_bk, xa_bm, 0, 0)
 
 
-def _strides2(t: Optional[Tensor], rows: int) -> tuple:
+def _strides2(t: Tensor | None, rows: int) -> tuple:
     """(row stride, column stride) of a [N] / [1, N] / [rows, N] scale; 0 for broadcast dims."""
     if t is None:
         return 0, 0
@@ -808,14 +809,14 @@ def _strides2(t: Optional[Tensor], rows: int) -> tuple:
 def adapter_linear(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
-    dora_scale: Optional[Tensor],
-    input_scale: Optional[Tensor],
-    output_scale: Optional[Tensor],
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
+    dora_scale: Tensor | None,
+    input_scale: Tensor | None,
+    output_scale: Tensor | None,
 ) -> Tensor:
     """Triton implementation of ``torch.ops.fastpeft.adapter_linear`` (contract in ``_schema.py``)."""
     if x.is_cuda and x.device.index != torch.cuda.current_device():

@@ -35,8 +35,6 @@ nested offset and the LUTs are read on the device).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -73,8 +71,8 @@ MAX_SPLIT_K = 8
 ASSUMED_SMS = 132
 
 # Test hooks: force a path / split-K (None = heuristics).
-FORCE_PATH: Optional[str] = None  # "fused" or "dequant"
-FORCE_SPLIT_K: Optional[int] = None
+FORCE_PATH: str | None = None  # "fused" or "dequant"
+FORCE_SPLIT_K: int | None = None
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -372,10 +370,10 @@ def dequantize_4bit_triton(qweight, absmax, code, nested_absmax, nested_code, ne
 
 def _span(t: Tensor) -> int:
     """Largest element offset a kernel computes for ``t`` (plus one)."""
-    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0) + 1
+    return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True) if n > 0) + 1
 
 
-def _strides2(t: Optional[Tensor], rows: int):
+def _strides2(t: Tensor | None, rows: int):
     """Row/column strides of a [rows?, cols] tensor that may be 1-D (broadcast over rows)."""
     if t is None:
         return 0, 0
@@ -389,22 +387,22 @@ def quant_linear(
     x: Tensor,
     qweight: Tensor,
     absmax: Tensor,
-    code: Optional[Tensor],
-    nested_absmax: Optional[Tensor],
-    nested_code: Optional[Tensor],
-    nested_offset: Optional[Tensor],
+    code: Tensor | None,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    nested_offset: Tensor | None,
     N: int,
     blocksize: int,
     nested_blocksize: int,
     cd: torch.dtype,
-    bias: Optional[Tensor],
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
-    dora_scale: Optional[Tensor],
-    input_scale: Optional[Tensor],
-    output_scale: Optional[Tensor],
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
+    dora_scale: Tensor | None,
+    input_scale: Tensor | None,
+    output_scale: Tensor | None,
     base_only: bool = False,
 ) -> Tensor:
     """Launch ``_quant_linear_kernel``. ``fmt`` 4: qweight is bnb 4-bit bytes, ``absmax`` the

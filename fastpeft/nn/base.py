@@ -12,7 +12,7 @@ operator a ``token_slots`` tensor [M or 1, J] (J adapters per row, -1 = none):
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -56,14 +56,14 @@ class AdapterLayer(nn.Module):
         self._active: list[str] = []
         self._disabled = False
         self.merged_adapters: list[str] = []
-        self._mixed: Optional[tuple] = None
+        self._mixed: tuple | None = None
         self._stale = True
         self._slots_cache: dict = {}
         # Slot tensors kept current by every state change (set_adapter, mixed_batch, add, delete,
         # move), so a forward only reads them: under torch.compile they are graph inputs, and
         # switching between loaded adapters re-uses the compiled graph.
-        self._active_slots: Optional[Tensor] = None  # [1, J] int32, -1 where this layer has none
-        self._row_slots: Optional[Tensor] = None  # [len(mixed names)] int32 while in a mixed batch
+        self._active_slots: Tensor | None = None  # [1, J] int32, -1 where this layer has none
+        self._row_slots: Tensor | None = None  # [len(mixed names)] int32 while in a mixed batch
         self._row_bufs: dict = {}  # number of names -> the memory _row_slots lives in
         self._row_buf_names: dict = {}  # number of names -> the names whose slots it holds
         self._row_slots_cache: dict = {}  # names tuple -> row slots
@@ -101,7 +101,7 @@ class AdapterLayer(nn.Module):
             self._fast_mixed = {}
 
     @property
-    def _mixed_names(self) -> Optional[tuple]:
+    def _mixed_names(self) -> tuple | None:
         """Adapter name per batch row while in a mixed batch (``mixed_batch``), else None."""
         return self._mixed
 
@@ -182,13 +182,13 @@ class AdapterLayer(nn.Module):
         return self.get_base_layer().weight
 
     @property
-    def bias(self) -> Optional[Tensor]:
+    def bias(self) -> Tensor | None:
         return getattr(self.get_base_layer(), "bias", None)
 
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
 
-    def _adapters_to_run(self, container) -> Optional[list]:
+    def _adapters_to_run(self, container) -> list | None:
         """The adapters (of those in ``container``) this forward applies, in order, or None when
         the base layer alone runs: adapters disabled (a merged layer is unmerged first, as PEFT
         does) or merged. A mixed batch on merged weights is an error."""
@@ -346,7 +346,7 @@ class AdapterLayer(nn.Module):
         return super().train(mode)
 
     # ----- token_slots ----------------------------------------------------------------------
-    def _rows_per_name(self, batch: int, n: Optional[int] = None) -> int:
+    def _rows_per_name(self, batch: int, n: int | None = None) -> int:
         """Batch rows per mixed-batch name: 1, or k when generation repeated each row k times
         (beam search, ``num_return_sequences``: Transformers repeats rows consecutively).
         ``n``: the number of names (default: ``len(self._mixed)``)."""
@@ -367,7 +367,7 @@ class AdapterLayer(nn.Module):
         names = self._mixed
         return names if k == 1 else tuple(n for n in names for _ in range(k))
 
-    def token_slots(self, rows: int, batch: int, device=None) -> Optional[Tensor]:
+    def token_slots(self, rows: int, batch: int, device=None) -> Tensor | None:
         """[1, J] for the active adapters (-1 where this layer does not hold one), or [rows, 1]
         for a mixed batch.
 

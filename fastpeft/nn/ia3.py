@@ -40,7 +40,8 @@ class IA3Linear(AdapterLayer):
         w = self.base_layer.weight
         dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
-        t = torch.ones(shape, device=w.device, dtype=dtype) if init_ia3_weights else torch.randn(shape, device=w.device, dtype=dtype)
+        make = torch.ones if init_ia3_weights else torch.randn
+        t = make(shape, device=w.device, dtype=dtype)
         self.ia3_l[name] = nn.Parameter(t)
         self.set_adapter(self._active)
 
@@ -75,7 +76,7 @@ class IA3Linear(AdapterLayer):
         d = self.in_features if self.is_feedforward else self.out_features
         stack = torch.ones(len(names) + 1, d, dtype=params[0].dtype, device=params[0].device)
         with torch.no_grad():
-            for s, (n, p) in enumerate(zip(names, params)):
+            for s, (n, p) in enumerate(zip(names, params, strict=True)):
                 stack[s].copy_(p.flatten())
                 self.ia3_l[n].data = stack[s].view(p.shape)
         from torch._dynamo import maybe_mark_dynamic
@@ -179,7 +180,7 @@ class IA3Linear(AdapterLayer):
 
     def unmerge(self) -> None:
         if self.merged_adapters:
-            warnings.warn("Unmerge result can be inaccurate for (IA)^3.")
+            warnings.warn("Unmerge result can be inaccurate for (IA)^3.", stacklevel=2)
         while self.merged_adapters:
             n = self.merged_adapters.pop()
             self._scale_base(1.0 / (self.ia3_l[n].detach().flatten() + 1e-8))
@@ -190,7 +191,7 @@ class IA3Linear(AdapterLayer):
         if self.kind == "quant":
             from ..quant.layers import quantized_like
 
-            warnings.warn("merging into a quantized base: dequantize, merge, requantize (rounding errors possible)")
+            warnings.warn("merging into a quantized base: dequantize, merge, requantize (rounding errors possible)", stacklevel=2)
             self.base_layer = quantized_like(self.base_layer, new.to(W.dtype))
         else:
             with torch.no_grad():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +31,8 @@ from torch import Tensor, nn
 from ..ops import _schema  # noqa: F401  (defines torch.ops.fastpeft.*)
 from ..ops import fastpath as _fastpath
 from ..ops.reference import dora_weight_norm
-from ._base_kinds import base_kind, fused_forward_ok, in_out_features, weight_nk
 from . import paging
+from ._base_kinds import base_kind, fused_forward_ok, in_out_features, weight_nk
 from .base import AdapterLayer, packs_outside_inference_mode
 
 _is_compiling = torch.compiler.is_compiling
@@ -68,9 +67,9 @@ class LoraLinear(AdapterLayer):
     _active_need_composite = False  # flags kept by _refresh_slots for the compiled path
     _all_need_composite = False
     _any_dora = False
-    _page_table: Optional[Tensor] = None  # slot -> pages of the stacks (fastpeft.nn.paging); None: unpaged
-    _active_pages: Optional[Tensor] = None  # the active slots as pages, while paged
-    _slot0: Optional[Tensor] = None  # [[0]]: the slots of a one-adapter view (_adapter_view)
+    _page_table: Tensor | None = None  # slot -> pages of the stacks (fastpeft.nn.paging); None: unpaged
+    _active_pages: Tensor | None = None  # the active slots as pages, while paged
+    _slot0: Tensor | None = None  # [[0]]: the slots of a one-adapter view (_adapter_view)
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
@@ -102,7 +101,7 @@ class LoraLinear(AdapterLayer):
         use_dora: bool = False,
         lora_bias: bool = False,
         init_lora_weights=True,
-        dtype: Optional[torch.dtype] = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """Add a fresh adapter; ``init_lora_weights`` as in PEFT (True: B = 0; "gaussian";
         False: random A and B, for tests). ``dtype``: the adapter's dtype (default: base's)."""
@@ -141,7 +140,7 @@ class LoraLinear(AdapterLayer):
                 if isinstance(init, str):
                     warnings.warn(
                         f"init_lora_weights={init!r} is not implemented by fastpeft; using PEFT's "
-                        f"default (kaiming A, zero B). Adapters trained with it load normally."
+                        f"default (kaiming A, zero B). Adapters trained with it load normally.", stacklevel=2
                     )
                 nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
             nn.init.zeros_(B.weight)
@@ -234,7 +233,7 @@ class LoraLinear(AdapterLayer):
         flat_a, flat_bt = a.view(pages * c, K), bt.view(pages * c, N)  # an adapter's pages are consecutive rows
         ptrs, copies = {}, {}
         with torch.no_grad():
-            for s, (n, A, B) in enumerate(zip(names, As, Bs)):
+            for s, (n, A, B) in enumerate(zip(names, As, Bs, strict=True)):
                 o, r = starts[s] * c, A.shape[0]
                 flat_a[o:o + r].copy_(A)
                 flat_bt[o:o + r].copy_(B.t())
@@ -257,7 +256,7 @@ class LoraLinear(AdapterLayer):
         self._set_page_table(None if pages == len(names) else paging.build_page_table(ranks, c, device))
         self._invalidate()
 
-    def _set_page_table(self, table: Optional[Tensor]) -> None:
+    def _set_page_table(self, table: Tensor | None) -> None:
         """Install the slot -> pages map of the stacks just packed (None: one page per slot) and
         bring the page tensors derived from the slot tensors up to date."""
         self._page_table = table
@@ -282,7 +281,7 @@ class LoraLinear(AdapterLayer):
             _sizes_vary(new, 1)
             self._active_pages = new
 
-    def token_slots(self, rows: int, batch: int, device=None) -> Optional[Tensor]:
+    def token_slots(self, rows: int, batch: int, device=None) -> Tensor | None:
         """As ``AdapterLayer.token_slots``, in pages when the stacks are paged: ``[1, J * P_max]``
         for the active adapters, ``[rows, P_max]`` in a mixed batch."""
         if self._row_slots is None and self._active_pages is not None:
@@ -324,7 +323,7 @@ class LoraLinear(AdapterLayer):
         src = self._packed.get("scale_src")
         return src is not None and any(n in src and self.scaling[n] != src[n] for n in names)
 
-    def _ensure_packed(self, names) -> Optional[dict]:
+    def _ensure_packed(self, names) -> dict | None:
         """The packed stacks, rebuilt first if stale. Under torch.compile nothing is checked
         or rebuilt (storage pointers cannot be traced): None when the stacks are marked stale,
         and the caller runs the unfused path. Eager forwards (or fastpeft.optimize) pack."""
@@ -334,7 +333,7 @@ class LoraLinear(AdapterLayer):
             self._pack()
         return self._packed
 
-    def _dora_scale(self, x_dtype: torch.dtype) -> Optional[Tensor]:
+    def _dora_scale(self, x_dtype: torch.dtype) -> Tensor | None:
         """[S, N] magnitude / ||W + s B A|| (1 for non-DoRA slots), cached per weight change."""
         if not self._has_dora():
             return None
@@ -651,7 +650,7 @@ class LoraLinear(AdapterLayer):
         if self.kind == "quant":
             from ..quant.layers import quantized_like
 
-            warnings.warn("merging into a quantized base: dequantize, merge, requantize (rounding errors possible)")
+            warnings.warn("merging into a quantized base: dequantize, merge, requantize (rounding errors possible)", stacklevel=2)
             self.base_layer = quantized_like(self.base_layer, w_nk)
             return
         with torch.no_grad():
@@ -701,7 +700,8 @@ class AdaLoraLinear(LoraLinear):
         self.lora_A[name] = nn.Parameter(torch.randn(r, K, **kw))
         self.lora_B[name] = nn.Parameter(torch.randn(N, r, **kw))
         self.lora_E[name] = nn.Parameter(torch.randn(r, 1, **kw))
-        self.ranknum[name] = nn.Parameter(torch.full((1,), float(ranknum if ranknum is not None else r), **kw), requires_grad=False)
+        ranks = float(ranknum if ranknum is not None else r)
+        self.ranknum[name] = nn.Parameter(torch.full((1,), ranks, **kw), requires_grad=False)
         if init_lora_weights:
             with torch.no_grad():
                 nn.init.zeros_(self.lora_E[name])
@@ -808,7 +808,7 @@ class LoraEmbedding(AdapterLayer):
         bt = torch.zeros(len(names), R, self.embedding_dim, dtype=dtype, device=device)
         ptrs = {}
         with torch.no_grad():
-            for s, (n, A, B) in enumerate(zip(names, As, Bs)):
+            for s, (n, A, B) in enumerate(zip(names, As, Bs, strict=True)):
                 r = A.shape[0]
                 a[s, :r].copy_(A)
                 bt[s, :r].copy_(B.t())
@@ -897,7 +897,8 @@ class LoraEmbedding(AdapterLayer):
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
 
     def merge(self, adapter_names=None, safe_merge=False):
-        names = [n for n in (adapter_names or self.active_adapters) if n in self.lora_embedding_A and n not in self.merged_adapters]
+        names = [n for n in (adapter_names or self.active_adapters)
+                 if n in self.lora_embedding_A and n not in self.merged_adapters]
         for n in names:
             with torch.no_grad():
                 new = self.base_layer.weight + self._delta_weight(n).to(self.base_layer.weight.dtype)

@@ -15,7 +15,7 @@ is all -1, so a slot of -1 indexes it (Python's negative index) and maps to "no 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -77,7 +77,7 @@ def build_page_table(ranks: Sequence[int], c: int, device) -> Tensor:
     return table.to(device)
 
 
-def slots_to_pages(table: Optional[Tensor], slots: Tensor) -> Tensor:
+def slots_to_pages(table: Tensor | None, slots: Tensor) -> Tensor:
     """Slot indices ``[M, J]`` (-1: none) -> page indices ``[M, J * P_max]``; unchanged
     without a table. Traceable (one gather), so compiled and CUDA-graph-captured forwards
     follow in-place updates of ``slots``."""

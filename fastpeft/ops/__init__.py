@@ -9,8 +9,10 @@ from __future__ import annotations
 import importlib
 import logging
 
-from . import _schema  # noqa: F401  (defines torch.ops.fastpeft.*)
-from . import reference
+from . import (
+    _schema,  # noqa: F401  (defines torch.ops.fastpeft.*)
+    reference,
+)
 from .backends import (
     BackendUnavailableError,
     available_backends,

@@ -37,13 +37,10 @@ bf16/fp16 adapters. Slots must be < S (the CPU kernels raise; the CUDA kernels t
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from . import backends
-from . import reference
+from . import backends, reference
 
 LIB = "fastpeft"
 
@@ -52,14 +49,14 @@ LIB = "fastpeft"
 def adapter_linear(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
-    dora_scale: Optional[Tensor],
-    input_scale: Optional[Tensor],
-    output_scale: Optional[Tensor],
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
+    dora_scale: Tensor | None,
+    input_scale: Tensor | None,
+    output_scale: Tensor | None,
 ) -> Tensor:
     """Base linear fused with LoRA / DoRA / IA3 for one or many adapters (see module docstring)."""
     fn = backends.resolve("adapter_linear", x.device.type)
@@ -77,10 +74,10 @@ def _(x, weight, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, inp
 def adapter_embedding(
     ids: Tensor,
     weight: Tensor,
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
 ) -> Tensor:
     """Embedding lookup plus LoRA: ``weight[ids] + sum_j lora_a[s].T[ids] @ lora_b[s] * scale[s]``.
 
@@ -106,7 +103,7 @@ def register_recompute_autograd(op, ref) -> None:
         ctx.save_for_backward(*[t if isinstance(t, Tensor) else None for t in inputs])
 
     def backward(ctx, grad):
-        inputs = [c if c is not None else t for c, t in zip(ctx.consts, ctx.saved_tensors)]
+        inputs = [c if c is not None else t for c, t in zip(ctx.consts, ctx.saved_tensors, strict=True)]
         need = ctx.needs_input_grad
         leaves = []
         for i, t in enumerate(inputs):
@@ -120,7 +117,7 @@ def register_recompute_autograd(op, ref) -> None:
         with torch.enable_grad():
             out = ref(*inputs)
             got = torch.autograd.grad(out, [t for _, t in leaves], grad, allow_unused=True)
-        for (i, _), g in zip(leaves, got):
+        for (i, _), g in zip(leaves, got, strict=True):
             grads[i] = g
         return tuple(grads)
 
@@ -141,21 +138,21 @@ def adapter_linear_4bit(
     qweight: Tensor,
     absmax: Tensor,
     code: Tensor,
-    nested_absmax: Optional[Tensor],
-    nested_code: Optional[Tensor],
-    nested_offset: Optional[Tensor],
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    nested_offset: Tensor | None,
     out_features: int,
     blocksize: int,
     nested_blocksize: int,
-    compute_dtype: Optional[torch.dtype],
-    bias: Optional[Tensor],
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
-    dora_scale: Optional[Tensor],
-    input_scale: Optional[Tensor],
-    output_scale: Optional[Tensor],
+    compute_dtype: torch.dtype | None,
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
+    dora_scale: Tensor | None,
+    input_scale: Tensor | None,
+    output_scale: Tensor | None,
 ) -> Tensor:
     """``adapter_linear(x, W, ...)`` with ``W = dequantize_4bit(...)`` (bitsandbytes NF4/FP4).
 
@@ -188,14 +185,14 @@ def adapter_linear_8bit(
     x: Tensor,
     qweight: Tensor,
     row_scale: Tensor,
-    bias: Optional[Tensor],
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
-    dora_scale: Optional[Tensor],
-    input_scale: Optional[Tensor],
-    output_scale: Optional[Tensor],
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
+    dora_scale: Tensor | None,
+    input_scale: Tensor | None,
+    output_scale: Tensor | None,
 ) -> Tensor:
     """``adapter_linear(x, W, ...)`` with ``W = (qweight * row_scale[:, None] / 127).to(x.dtype)``.
 

@@ -17,7 +17,7 @@ Choice rules
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 

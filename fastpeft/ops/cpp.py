@@ -16,7 +16,6 @@ extension is not built, ``"cpp"`` is marked unavailable with the reason.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 

@@ -17,8 +17,8 @@ the backend choice changed); the layer then drops the plan and takes its general
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ log = logging.getLogger("fastpeft")
 #: the compiled module, or None
 module = None
 #: why the compiled fast path is not used (None when it loaded)
-error: Optional[str] = None
+error: str | None = None
 
 # Below the autograd keys: the compiled backends register their autograd from Python
 # (torch.library.register_autograd), which costs ~7 us a call on a 2-core CPU even when no
@@ -61,9 +61,13 @@ def _load() -> None:
     if not _ext.available():
         error = f"fastpeft._C is not available: {_ext.error}"
         return
+    if importlib.util.find_spec("fastpeft._fastpath") is None:  # its build failed or was skipped
+        error = f"fastpeft._fastpath is not built; {_ext.BUILD_HINT}"
+        log.info("fastpeft: compiled fast path unavailable: %s", error)
+        return
     try:
         from .. import _fastpath  # type: ignore[attr-defined]
-    except Exception as e:  # noqa: BLE001  (not built, or built against another torch)
+    except Exception as e:  # noqa: BLE001  (built against another torch, or broken)
         error = f"fastpeft._fastpath does not load ({type(e).__name__}: {e}); {_ext.BUILD_HINT}"
         log.info("fastpeft: compiled fast path unavailable: %s", error)
         return
@@ -88,7 +92,7 @@ class PyPlan:
         self.args = (weight, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale)
         self.epoch = _epoch
 
-    def __call__(self, x: Tensor, token_slots: Optional[Tensor] = None) -> Optional[Tensor]:
+    def __call__(self, x: Tensor, token_slots: Tensor | None = None) -> Tensor | None:
         if (
             self.epoch != _epoch
             or x.dim() == 0 or x.shape[-1] != self.K

@@ -9,8 +9,6 @@ adapter slots, ``R`` padded rank, ``J`` adapters applied per row.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -47,12 +45,12 @@ def lora_rows(xl: Tensor, lora_a: Tensor, lora_b: Tensor, slot_scales: Tensor, s
 def apply_adapters(
     y: Tensor,
     xs: Tensor,
-    bias: Optional[Tensor],
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
-    dora_scale: Optional[Tensor],
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
+    dora_scale: Tensor | None,
 ) -> Tensor:
     """Add the LoRA/DoRA deltas selected by ``token_slots`` to the base output ``y``.
 
@@ -95,14 +93,14 @@ def apply_adapters(
 def adapter_linear(
     x: Tensor,
     weight: Tensor,
-    bias: Optional[Tensor],
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
-    dora_scale: Optional[Tensor],
-    input_scale: Optional[Tensor],
-    output_scale: Optional[Tensor],
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
+    dora_scale: Tensor | None,
+    input_scale: Tensor | None,
+    output_scale: Tensor | None,
 ) -> Tensor:
     """Reference for ``torch.ops.fastpeft.adapter_linear`` (see ``_schema.py`` for the contract)."""
     xs = x if input_scale is None else (x * input_scale).to(weight.dtype)
@@ -116,10 +114,10 @@ def adapter_linear(
 def adapter_embedding(
     ids: Tensor,
     weight: Tensor,
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
 ) -> Tensor:
     """Reference for ``torch.ops.fastpeft.adapter_embedding``.
 
@@ -158,9 +156,9 @@ def dequantize_4bit_weight(
     qweight: Tensor,
     absmax: Tensor,
     code: Tensor,
-    nested_absmax: Optional[Tensor],
-    nested_code: Optional[Tensor],
-    nested_offset: Optional[Tensor],
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    nested_offset: Tensor | None,
     out_features: int,
     in_features: int,
     blocksize: int,
@@ -221,21 +219,21 @@ def adapter_linear_4bit(
     qweight: Tensor,
     absmax: Tensor,
     code: Tensor,
-    nested_absmax: Optional[Tensor],
-    nested_code: Optional[Tensor],
-    nested_offset: Optional[Tensor],
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    nested_offset: Tensor | None,
     out_features: int,
     blocksize: int,
     nested_blocksize: int,
-    compute_dtype: Optional[torch.dtype],
-    bias: Optional[Tensor],
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
-    dora_scale: Optional[Tensor],
-    input_scale: Optional[Tensor],
-    output_scale: Optional[Tensor],
+    compute_dtype: torch.dtype | None,
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
+    dora_scale: Tensor | None,
+    input_scale: Tensor | None,
+    output_scale: Tensor | None,
 ) -> Tensor:
     """Reference for ``torch.ops.fastpeft.adapter_linear_4bit``: dequantize, then ``adapter_linear``."""
     cd = compute_dtype or x.dtype
@@ -250,14 +248,14 @@ def adapter_linear_8bit(
     x: Tensor,
     qweight: Tensor,
     row_scale: Tensor,
-    bias: Optional[Tensor],
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
-    dora_scale: Optional[Tensor],
-    input_scale: Optional[Tensor],
-    output_scale: Optional[Tensor],
+    bias: Tensor | None,
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
+    dora_scale: Tensor | None,
+    input_scale: Tensor | None,
+    output_scale: Tensor | None,
 ) -> Tensor:
     """Reference for ``torch.ops.fastpeft.adapter_linear_8bit``: dequantize to x's dtype, then ``adapter_linear``."""
     w = dequantize_8bit_weight(qweight, row_scale, x.dtype)

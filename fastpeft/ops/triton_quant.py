@@ -13,8 +13,6 @@ by :func:`fastpeft.kernels.quant_linear.plan_path` from the row count and the st
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -86,8 +84,8 @@ def _check_common(op, x, N, bias, lora_a, lora_b, slot_scales, token_slots):
 
 def adapter_linear_4bit(
     x: Tensor, qweight: Tensor, absmax: Tensor, code: Tensor,
-    nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], nested_offset: Optional[Tensor],
-    out_features: int, blocksize: int, nested_blocksize: int, compute_dtype: Optional[torch.dtype],
+    nested_absmax: Tensor | None, nested_code: Tensor | None, nested_offset: Tensor | None,
+    out_features: int, blocksize: int, nested_blocksize: int, compute_dtype: torch.dtype | None,
     bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale,
 ) -> Tensor:
     N = out_features

@@ -34,8 +34,7 @@ from either device load and dequantize exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Optional
+from functools import cache, lru_cache
 
 import torch
 from torch import Tensor
@@ -100,7 +99,7 @@ def code_4bit(quant_type: str, device=None) -> Tensor:
     return code.to(device) if device is not None else code.clone()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bounds_4bit(quant_type: str):
     """Midpoints between the sorted code values and the map sorted position -> code index."""
     code = code_4bit(quant_type)
@@ -112,7 +111,7 @@ def _bounds_4bit(quant_type: str):
     return mid, order
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dynamic_code_cpu() -> Tensor:
     # bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8): for
     # exponent i = 0..6, the 2**i midpoints of linspace(0.1, 1, 2**i + 1) (float32) scaled by
@@ -180,15 +179,15 @@ class QuantState4bit:
     blocksize: int
     quant_type: str
     dtype: torch.dtype
-    offset: Optional[Tensor] = None
-    state2: Optional[NestedState] = None
+    offset: Tensor | None = None
+    state2: NestedState | None = None
     extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def nested(self) -> bool:
         return self.state2 is not None
 
-    def to(self, device) -> "QuantState4bit":
+    def to(self, device) -> QuantState4bit:
         s2 = None
         if self.state2 is not None:
             s2 = NestedState(self.state2.absmax.to(device), self.state2.code.to(device), self.state2.blocksize, self.state2.dtype)
@@ -227,7 +226,7 @@ class QuantState4bit:
         )
 
     @classmethod
-    def from_bnb(cls, qs) -> "QuantState4bit":
+    def from_bnb(cls, qs) -> QuantState4bit:
         """Wrap a ``bitsandbytes.functional.QuantState`` (same tensors, no copy)."""
         state2 = None
         if getattr(qs, "nested", False) and qs.state2 is not None:
@@ -256,7 +255,7 @@ def _blockwise_absmax(flat: Tensor, blocksize: int):
     return absmax, full
 
 
-def quantize_blockwise_8bit(A: Tensor, code: Optional[Tensor] = None, blocksize: int = NESTED_BLOCKSIZE):
+def quantize_blockwise_8bit(A: Tensor, code: Tensor | None = None, blocksize: int = NESTED_BLOCKSIZE):
     """bitsandbytes' CPU 8-bit blockwise quantization of a float32 tensor.
 
     Returns ``(q uint8 [A.shape], absmax float32 [n_blocks])``; ``code`` defaults to
@@ -355,7 +354,7 @@ def dequantize_absmax(state: QuantState4bit) -> Tensor:
     return (absmax + state.offset.float()).float()
 
 
-def dequantize_4bit(packed: Tensor, state: QuantState4bit, dtype: Optional[torch.dtype] = None) -> Tensor:
+def dequantize_4bit(packed: Tensor, state: QuantState4bit, dtype: torch.dtype | None = None) -> Tensor:
     """Dequantize bitsandbytes 4-bit storage to a ``state.shape`` tensor of ``dtype``.
 
     ``dtype`` defaults to ``state.dtype``. Equal bit for bit to ``bnb.functional.dequantize_4bit``

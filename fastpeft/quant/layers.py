@@ -20,8 +20,6 @@ weight to that dtype and casts the result back; ``Linear8bitLt`` dequantizes to 
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -39,7 +37,7 @@ __all__ = [
 _BNB_NAMES = ("Linear4bit", "Linear8bitLt")
 
 
-def _bnb_kind(module) -> Optional[str]:
+def _bnb_kind(module) -> str | None:
     """"4bit", "8bit" or None. Matches subclasses (LinearNF4, LinearFP4, ...) by their bnb base."""
     for cls in type(module).__mro__:
         if cls.__module__.startswith("bitsandbytes") and cls.__name__ in _BNB_NAMES:
@@ -154,13 +152,13 @@ def _compute_dtype_4bit(module, x: Tensor) -> torch.dtype:
 def quantized_adapter_linear(
     base_layer: nn.Module,
     x2d: Tensor,
-    lora_a: Optional[Tensor],
-    lora_b: Optional[Tensor],
-    slot_scales: Optional[Tensor],
-    token_slots: Optional[Tensor],
-    dora_scale: Optional[Tensor],
-    input_scale: Optional[Tensor],
-    output_scale: Optional[Tensor],
+    lora_a: Tensor | None,
+    lora_b: Tensor | None,
+    slot_scales: Tensor | None,
+    token_slots: Tensor | None,
+    dora_scale: Tensor | None,
+    input_scale: Tensor | None,
+    output_scale: Tensor | None,
 ) -> Tensor:
     """``torch.ops.fastpeft.adapter_linear`` semantics on a bitsandbytes base layer -> [M, N].
 
@@ -211,12 +209,12 @@ def dequantize_weight(base_layer: nn.Module) -> Tensor:
 
 def make_linear4bit(
     weight: Tensor,
-    bias: Optional[Tensor],
+    bias: Tensor | None,
     *,
     quant_type: str = "nf4",
     double_quant: bool = True,
     blocksize: int = 64,
-    compute_dtype: Optional[torch.dtype] = None,
+    compute_dtype: torch.dtype | None = None,
     quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
     """A ``bitsandbytes.nn.Linear4bit`` holding ``weight [N, K]`` quantized by :func:`formats.quantize_4bit`
@@ -239,7 +237,7 @@ def make_linear4bit(
     return layer
 
 
-def make_linear8bit(weight: Tensor, bias: Optional[Tensor], *, threshold: float = 0.0) -> nn.Module:
+def make_linear8bit(weight: Tensor, bias: Tensor | None, *, threshold: float = 0.0) -> nn.Module:
     """A ``bitsandbytes.nn.Linear8bitLt`` (``has_fp16_weights=False``) holding ``weight [N, K]`` as
     LLM.int8 ``CB``/``SCB``, exactly as ``Int8Params`` quantizes it, on the weight's device."""
     import bitsandbytes as bnb
