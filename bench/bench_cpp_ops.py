@@ -29,11 +29,8 @@ import csv
 import datetime as dt
 import math
 import platform
-import statistics
 import subprocess
 import sys
-import time
-import warnings
 from functools import partial
 from pathlib import Path
 
@@ -41,12 +38,14 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-warnings.filterwarnings("ignore")  # PEFT's import-time notices
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import fastpeft.ops as fops  # noqa: E402
 from fastpeft import _ext  # noqa: E402
 from fastpeft.ops import reference  # noqa: E402
+
+from common import bar_plot, interleaved_medians_us  # noqa: E402  (bench/common.py)
 
 SHAPES = {  # name: (K, N)
     "llama7b.q_proj 4096x4096": (4096, 4096),
@@ -78,30 +77,6 @@ def commit() -> str:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         return "unknown"
-
-
-def interleaved_medians_us(variants, min_time=0.4, min_reps=15, max_reps=2000, warmup=3) -> dict:
-    """Median call time of each variant, timed round-robin (A, B, C, A, B, C, ...).
-
-    The machine may be shared: interleaving makes every variant see the same background load,
-    so the ratios stay meaningful even when absolute times wobble. ``variants``: name ->
-    (setup, fn); ``setup`` runs untimed before each timed ``fn`` call (e.g. set_backend).
-    """
-    for setup, fn in variants.values():
-        setup()
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in variants}
-    t_end = time.perf_counter() + min_time * len(variants)
-    reps = 0
-    while reps < max_reps and (reps < min_reps or time.perf_counter() < t_end):
-        for name, (setup, fn) in variants.items():
-            setup()
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        reps += 1
-    return {name: statistics.median(v) * 1e6 for name, v in times.items()}
 
 
 def make_peft_layer(inp, S, dtype):
@@ -147,6 +122,7 @@ def main() -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", default=None, help="CSV path (default bench/results/cpp_ops_<date>.csv)")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = ap.parse_args()
     if not _ext.available():
         print(f"fastpeft._C not available: {_ext.error}")
@@ -245,6 +221,13 @@ def main() -> int:
         wr.writeheader()
         wr.writerows(rows)
     print(f"\n{meta['device']}, torch {meta['torch']}, commit {meta['commit']}; wrote {out}")
+    if not args.no_plot:
+        groups = [f"{r['shape']} {r['mode']} {r['dtype']}" for r in rows]
+        series = {m: [r[f"{m}_us"] / r["base_us"] if r[f"{m}_us"] != "" else None for r in rows]
+                  for m in ("peft", "torch", "cpp", "native")}
+        png = bar_plot(str(out.with_suffix(".png")), f"adapted linear / base, {meta['device']}", groups, series,
+                       "time / base (lower is better)")
+        print(f"plot -> {png}")
     return 0
 
 

@@ -17,8 +17,8 @@ more token, ``(t(T) - t(1)) / (T - 1)``, the figure that matters for serving. Me
 ``--repeats``, the methods interleaved within each repeat (a busy machine slows all alike).
 
 Rows (device, date, git commit, config, method, batch, adapters, tokens/s, ratios to base and to
-PEFT) are appended to ``bench/results/generate-<device>-<date>.csv``; a table is printed and, when
-matplotlib is importable, a plot is written next to the CSV.
+PEFT) are appended to ``bench/results/generate-<device>-<date>.csv``; a table is printed and a
+plot (PNG, matplotlib: the ``bench`` extra) is written next to the CSV.
 
     .venv/bin/python bench/bench_generate.py            # CPU: ~1-2 minutes on 2 cores
     .venv/bin/python bench/bench_generate.py --quick    # smaller model, fewer repeats
@@ -42,25 +42,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-try:  # shared helpers of bench/ (timing, table); small local fallbacks otherwise
-    from common import git_commit, print_table  # type: ignore
-except Exception:  # pragma: no cover - common.py absent
-    def git_commit() -> str:
-        import subprocess
-
-        try:
-            return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                                  text=True, timeout=10).stdout.strip() or "unknown"
-        except Exception:
-            return "unknown"
-
-    def print_table(rows, columns=None):
-        columns = columns or list(rows[0])
-        cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-        widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
-        print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-        for x in cells:
-            print("  ".join(v.rjust(w) for v, w in zip(x, widths, strict=True)))
+from common import bar_plot, git_commit, print_table  # noqa: E402  (bench/common.py)
 
 RESULTS_DIR = os.path.join(HERE, "results")
 METHODS = ("base", "merged", "peft", "optimize", "fastpeft")
@@ -286,8 +268,8 @@ TABLE = ["method", "batch", "adapters", "mixed", "tokens_per_s", "decode_ms", "d
          "vs_peft", "vs_peft_e2e"]
 
 
-def plot(rows: list, path: str) -> str | None:
-    """Decode tokens/s per method and scenario: a PNG with matplotlib, else an SVG (same stem)."""
+def plot(rows: list, path: str) -> str:
+    """Decode tokens/s per method and scenario, as a PNG (bench/common.py's bar_plot)."""
     groups = sorted({(r["batch"], r["adapters"]) for r in rows})
     labels = [f"batch {b}, {n} adapter{'s' if n > 1 else ''}" for b, n in groups]
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
@@ -298,30 +280,7 @@ def plot(rows: list, path: str) -> str | None:
             r = next((r for r in rows if r["method"] == m and (r["batch"], r["adapters"]) == gkey), None)
             vals.append(r["decode_tokens_per_s"] if r else None)
         series[m] = vals
-    title = rows[0]["device"][:60]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception:  # no matplotlib: the dependency-free SVG
-        from common import svg_bars  # type: ignore
-
-        return svg_bars(os.path.splitext(path)[0] + ".svg", title, labels, series, "decode tokens/s")
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(methods)
-    for k, m in enumerate(methods):
-        xs = [i + k * width for i, v in enumerate(series[m]) if v is not None]
-        ax.bar(xs, [v for v in series[m] if v is not None], width, label=m)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    ax.set_xticklabels(labels)
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return bar_plot(path, f"greedy decode, {rows[0]['device'][:60]}", labels, series, "decode tokens/s (higher is better)")
 
 
 def main(argv=None):

@@ -63,6 +63,9 @@ def parse_args():
                    "split:inside, split:given (comma list)")
     p.add_argument("--no-multi", action="store_true", help="skip the mixed-batch (one adapter per token) section")
     p.add_argument("--multi-adapters", type=int, default=None, help="distinct adapters in the mixed batch (default: = tokens)")
+    p.add_argument("--tune", action="store_true", help="sweep paths, split-K and tiles and write the winners to this "
+                   "device's tuning file, fastpeft/kernels/configs/<device>.json (on a CPU: to bench/results/tuning-dryrun/, "
+                   "since interpreter timings mean nothing)")
     return p.parse_args()
 
 
@@ -184,6 +187,8 @@ def main():
 
     if not args.no_multi:
         mixed_batch_section(bench, cfg, args, modes, timed, paths)
+    if args.tune:
+        tune_section(bench, cfg, timed)
     bench.finish(ratio_to="base", plot_x="tokens", plot_title=f"adapted linear / base, {bench.device_name}",
                  plot_where=lambda r: not r.get("batch"))
 
@@ -240,6 +245,74 @@ def mixed_batch_section(bench, cfg, args, modes, timed, paths):
                                   bw_fraction=round(gbps / copy_gbps, 3))
                 print(f"  mixed {shape} {dname} r={rank} done (bytes {nbytes / 1e6:.1f} MB)")
                 del layer
+
+
+# candidates of the --tune sweep (BM, BN, BK, num_warps, num_stages); the first of each is the built-in rule
+TUNE_DECODE_TILES = [(16, 128, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (16, 64, 64, 4, 3), (16, 256, 64, 8, 3)]
+TUNE_FUSED_TILES_32 = [(32, 128, 64, 4, 3), (32, 64, 64, 4, 3), (32, 128, 32, 4, 4)]
+TUNE_FUSED_TILES_64 = [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3)]
+TUNE_SPLIT_K = [1, 2, 4, 8, 16]
+TUNE_TOKENS = [1, 16, 32, 64, 128, 256, 512, 1024]
+
+
+def tune_section(bench, cfg, timed):
+    """Time each knob's candidates on the configured shapes and dtypes (first rank), eager, and
+    write the winners to the device's tuning file (bench/tuning_sweep.py has the rules)."""
+    from fastpeft.kernels import lora_linear as LL
+
+    import tuning_sweep
+
+    dev = bench.device
+    rank = cfg["ranks"][0]
+    tokens_list = TUNE_TOKENS if not bench.quick else [1, 16, 40]
+    rows = []
+
+    def sweep(knob, values, tokens, make_override):
+        for (K, N) in cfg["shapes"]:
+            for dname in cfg["dtypes"]:
+                dtype = DTYPES[dname]
+                linear = nn.Linear(K, N, bias=False, device=dev, dtype=dtype)
+                layer = build_peft_layer(linear, rank)
+                a, b, sc = stack_adapters(layer, ["a0"])
+                ts = torch.zeros(1, 1, dtype=torch.int32, device=dev)
+                for t in tokens:
+                    x = torch.randn(t, K, device=dev, dtype=dtype)
+                    fn = partial(torch.ops.fastpeft.adapter_linear, x, linear.weight, None, a, b, sc, ts, None, None, None)
+                    for v in values:
+                        with make_override(v), torch.no_grad():
+                            us = timed(fn, "eager")
+                        rows.append(dict(knob=knob, value=v, case=(f"{K}x{N}", dname, t), median_us=us))
+                        if us is not None:
+                            bench.add(shape=f"{K}x{N}", tokens=t, rank=rank, dtype=dname, method=f"tune[{knob}={v}]",
+                                      median_us=us)
+
+    def path_override(v):
+        return LL.override(path=v)
+
+    sweep("path", ["decode", "fused", "given", "split"], tokens_list, path_override)
+    sweep("split_k", TUNE_SPLIT_K, [1], lambda v: LL.override(split_k=v))
+    sweep("decode_tile", TUNE_DECODE_TILES, [1], lambda v: LL.override(tile=v))
+    sweep("fused_tile_32", TUNE_FUSED_TILES_32, [32], lambda v: LL.override(path="fused", tile=v))
+    sweep("fused_tile_64", TUNE_FUSED_TILES_64, [128], lambda v: LL.override(path="fused", tile=v))
+
+    # the fused family (best of decode/fused/given per case) against the split path
+    fam = [dict(r, value="fused_family") for r in rows if r["knob"] == "path" and r["value"] != "split" and r["median_us"]]
+    best: dict = {}
+    for r in fam:
+        if r["case"] not in best or r["median_us"] < best[r["case"]]["median_us"]:
+            best[r["case"]] = r
+    vs_split = list(best.values()) + [r for r in rows if r["knob"] == "path" and r["value"] == "split"]
+    winners = {
+        "FUSED_MAX_ROWS": tuning_sweep.threshold_rows(vs_split, "path", "fused_family", "split"),
+        "MAX_SPLIT_K": tuning_sweep.best_setting(rows, "split_k"),
+        "DECODE_TILE": tuning_sweep.best_setting(rows, "decode_tile"),
+        "FUSED_TILE_32": tuning_sweep.best_setting(rows, "fused_tile_32"),
+        "FUSED_TILE_64": tuning_sweep.best_setting(rows, "fused_tile_64"),
+    }
+    directory = None if dev.type == "cuda" else os.path.join(HERE, "results", "tuning-dryrun")
+    path = tuning_sweep.write(bench.device_name if dev.type == "cuda" else "cpu", "lora_linear", winners,
+                              "bench_linear.py", bench.commit, bench.date, directory=directory)
+    print(f"\ntuning winners: {winners}\n-> {path}" + ("" if dev.type == "cuda" else " (interpreter: a dry run, not read)"))
 
 
 if __name__ == "__main__":

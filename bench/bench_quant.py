@@ -7,6 +7,8 @@ fp16). Per token count, the median time of
 * ``base``              ``F.linear`` with the dense fp16 weight (cuBLAS): the reference of the ratios,
 * ``bnb``               ``bitsandbytes.nn.Linear4bit`` / ``Linear8bitLt`` alone,
 * ``bnb+peft``          PEFT's LoRA layer on that bitsandbytes layer (adapters fp32, PEFT's default),
+* ``bnb-gemm_4bit+lora`` (4-bit, CUDA) ``torch.ops.bitsandbytes.gemm_4bit`` (bitsandbytes' own fused
+                        op, what its Linear4bit runs at inference) plus the LoRA delta in PyTorch,
 * ``bnb-dequant+cublas`` (4-bit) ``bnb.functional.dequantize_4bit`` then ``F.linear``, plus the LoRA
                         delta in PyTorch: what a prefill pays with bitsandbytes' own kernels,
 * ``fastpeft``          ``quantized_adapter_linear`` (``torch.ops.fastpeft.adapter_linear_4bit/8bit``,
@@ -20,6 +22,8 @@ bandwidth (packed bytes / time) next to the device's copy bandwidth.
 
 GPU:  python bench/bench_quant.py                 (a few minutes)
       python bench/bench_quant.py --paths fused,dequant --tokens 1,16,64,256,1024,4096
+Tune: python bench/bench_quant.py --tune         (sweeps path threshold, split-K, tiles; writes
+                                                   fastpeft/kernels/configs/<device>.json)
 CPU:  python bench/bench_quant.py --quick         (tiny layer, Triton interpreter: checks the script;
                                                    its fastpeft timings mean nothing)
 Rows: bench/results/quant-<device>-<date>.csv (see bench/common.py), a table, a plot.
@@ -57,6 +61,8 @@ def parse_args():
     p.add_argument("--prefill", default=None, help="comma list of prefill token counts (default 4096)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="activation dtype (default fp16)")
     p.add_argument("--formats", default="nf4,int8", help="comma list of nf4, fp4, int8")
+    p.add_argument("--tune", action="store_true", help="sweep the fused/dequant threshold, split-K and tiles (NF4) and "
+                   "write the winners to this device's tuning file (on a CPU: to bench/results/tuning-dryrun/)")
     p.add_argument("--paths", default="", help="also time forced kernel paths: comma list of fused, dequant, base_fused")
     return p.parse_args()
 
@@ -87,6 +93,18 @@ def stacked(lora_layer, dtype, device):
     scale = torch.tensor([lora_layer.scaling["default"]], dtype=torch.float32, device=device)
     slots = torch.zeros(1, 1, dtype=torch.int32, device=device)
     return a, b, scale, slots
+
+
+def bnb_gemm_4bit_lora(x, packed, qs, lora_a, lora_b, scale):
+    """bitsandbytes' own fused 4-bit op (``torch.ops.bitsandbytes.gemm_4bit``, what its
+    ``Linear4bit`` runs at inference, CUDA) for the base, PEFT's LoRA in PyTorch on top: the
+    baseline a user of bitsandbytes + PEFT compares with. Nested absmax as ``matmul_4bit`` passes it."""
+    if qs.nested:
+        y = torch.ops.bitsandbytes.gemm_4bit(x, packed, qs.shape, qs.state2.absmax, qs.blocksize, qs.quant_type,
+                                             absmax_8bit=qs.absmax, absmax_code=qs.state2.code, absmax_offset=qs.offset)
+    else:
+        y = torch.ops.bitsandbytes.gemm_4bit(x, packed, qs.shape, qs.absmax, qs.blocksize, qs.quant_type)
+    return y + (F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scale).to(y.dtype)
 
 
 def main():
@@ -176,6 +194,12 @@ def main():
                         return F.linear(x, W) + (F.linear(F.linear(x.float(), A32), B32) * s).to(dt)
 
                     time_and_add(deq_cublas, fmt=fmt, tokens=T, method="bnb-dequant+cublas", wbytes=qbytes)
+                if bits == 4 and dev.type == "cuda" and hasattr(torch.ops.bitsandbytes, "gemm_4bit"):
+                    qs = layer.weight.quant_state
+                    A32, B32 = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+                    s = lora.scaling["default"]
+                    time_and_add(partial(bnb_gemm_4bit_lora, x, layer.weight.data, qs, A32, B32, s), fmt=fmt, tokens=T,
+                                 method="bnb-gemm_4bit+lora", wbytes=qbytes)
                 time_and_add(partial(quantized_adapter_linear, layer, x, a, b, sc, slots, None, None, None), fmt=fmt,
                              tokens=T, method="fastpeft", wbytes=qbytes)
                 for p in paths:
@@ -187,9 +211,65 @@ def main():
                             QL.FORCE_PATH = None
 
                     time_and_add(forced, fmt=fmt, tokens=T, method=f"fastpeft[{p}]", wbytes=qbytes, graph=False)
+    if args.tune:
+        tune_section(bench, w, R, dt, cfg["dtype"], make_linear4bit, QL, quantized_adapter_linear, stacked, peft_layer)
     bench.finish(ratio_to="base", plot_x="tokens", plot_where=lambda r: r.get("mode") == "eager")
     if not torch.cuda.is_available():
         print("\nCPU run: Triton ran in the interpreter; these fastpeft timings are not performance numbers.")
+
+
+# --tune candidates (BM, BN, BK, num_warps, num_stages); the first is the built-in rule
+TUNE_DECODE_TILES = [(16, 64, 64, 8, 3), (16, 128, 64, 8, 3), (16, 64, 128, 8, 3), (16, 64, 64, 4, 4)]
+TUNE_SPLIT_K = [1, 2, 4, 8]
+TUNE_TOKENS = [1, 16, 64, 128, 256, 512, 1024]
+
+
+def tune_section(bench, w, R, dt, dname, make_linear4bit, QL, quantized_adapter_linear, stacked, peft_layer):
+    """NF4 with double quantization: fused kernel vs dequantize + cuBLAS per token count (sets
+    PREFILL_MIN_ROWS), split-K and decode tiles of the fused kernel; writes the winners."""
+    import tuning_sweep
+
+    dev = bench.device
+    K, N = w.shape[1], w.shape[0]
+    layer = make_linear4bit(w, None, quant_type="nf4", double_quant=True, compute_dtype=dt).to(dev)
+    a, b, sc, slots = stacked(peft_layer(layer, 4, R).to(dev), dt, dev)
+    rows = []
+
+    def sweep(knob, attr, values, tokens):
+        for t in tokens:
+            x = torch.randn(t, K, device=dev, dtype=dt)
+            for v in values:
+                old = getattr(QL, attr)
+                setattr(QL, attr, v)
+                try:
+                    with torch.no_grad():
+                        us = bench.time(partial(quantized_adapter_linear, layer, x, a, b, sc, slots, None, None, None))
+                except Exception as e:  # a tile that does not compile on this device: not a candidate
+                    print(f"  tune {knob}={v} at {t} tokens: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+                    us = None
+                finally:
+                    setattr(QL, attr, old)
+                rows.append(dict(knob=knob, value=v, case=(f"{K}x{N}", dname, t), median_us=us))
+                if us is not None:
+                    bench.add(shape=f"{K}x{N}", tokens=t, rank=R, dtype=dname, method=f"tune[{knob}={v}]", fmt="nf4",
+                              median_us=us, mode="eager")
+
+    sweep("path", "FORCE_PATH", ["fused", "dequant"], TUNE_TOKENS if not bench.quick else [1, 16, 64])
+    sweep("split_k", "FORCE_SPLIT_K", TUNE_SPLIT_K, [1])
+    sweep("decode_tile", "FORCE_TILE", TUNE_DECODE_TILES, [1])
+    fused_up_to = tuning_sweep.threshold_rows(rows, "path", "fused", "dequant")
+    swept = sorted({r["case"][-1] for r in rows if r["knob"] == "path"})
+    above = [t for t in swept if fused_up_to is not None and t > fused_up_to]
+    winners = {
+        # dequantize + cuBLAS from the first swept count where the fused kernel stops winning
+        "PREFILL_MIN_ROWS": above[0] if above else None,
+        "MAX_SPLIT_K": tuning_sweep.best_setting(rows, "split_k"),
+        "DECODE_TILE": tuning_sweep.best_setting(rows, "decode_tile"),
+    }
+    directory = None if dev.type == "cuda" else os.path.join(HERE, "results", "tuning-dryrun")
+    path = tuning_sweep.write(bench.device_name if dev.type == "cuda" else "cpu", "quant_linear", winners,
+                              "bench_quant.py", bench.commit, bench.date, directory=directory)
+    print(f"\ntuning winners: {winners}\n-> {path}" + ("" if dev.type == "cuda" else " (interpreter: a dry run, not read)"))
 
 
 if __name__ == "__main__":

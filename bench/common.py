@@ -28,7 +28,6 @@ import platform
 import re
 import statistics
 import subprocess
-import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -87,15 +86,37 @@ def slug(text: str) -> str:
 
 
 def time_cpu(fn: Callable[[], object], warmup: int = 2, rep: int = 10) -> float:
-    """Median wall time of ``fn()`` in microseconds (CPU tensors)."""
+    """Median time of ``fn()`` in microseconds on the CPU, by ``torch.utils.benchmark.Timer``'s
+    blocked autorange (blocks of calls until ``rep`` x 10 ms have been measured, at least one
+    block; the median over the blocks' per-call times). ``warmup`` untimed calls first."""
+    from torch.utils import benchmark
+
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(max(1, rep)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=max(rep, 1) * 0.01).median * 1e6
+
+
+def interleaved_medians_us(variants: dict, min_time: float = 0.4, rounds: int = 5, warmup: int = 3) -> dict:
+    """Median call time (us) of each variant, measured round-robin: ``rounds`` rounds, in each a
+    ``torch.utils.benchmark.Timer`` blocked autorange of ``min_time / rounds`` s per variant;
+    the result is the median over the rounds. Interleaving makes every variant see the same
+    background load on a shared machine, so the ratios stay meaningful when absolute times
+    wobble. ``variants``: name -> (setup, fn); ``setup()`` runs untimed before each measurement
+    (e.g. ``set_backend``)."""
+    from torch.utils import benchmark
+
+    for setup, fn in variants.values():
+        setup()
+        for _ in range(warmup):
+            fn()
+    per_round = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (setup, fn) in variants.items():
+            setup()
+            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+            per_round[name].append(timer.blocked_autorange(min_run_time=min_time / rounds).median)
+    return {name: statistics.median(v) * 1e6 for name, v in per_round.items()}
 
 
 def time_cuda(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
@@ -271,24 +292,36 @@ def _numeric(v: str) -> bool:
         return False
 
 
-def plot_ratios(rows: list[dict], path: str, x: str = "tokens", panel_keys=("shape", "rank", "dtype"),
-                mode: str = "eager", title: str = "") -> str | None:
-    """Ratio-to-baseline vs ``x`` (log axis), one line per method, one panel per ``panel_keys``.
-
-    Skips with a message when matplotlib is not importable. Returns the path written, or None.
-    """
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend; a clear error when the ``bench`` extra is missing."""
     try:
         import matplotlib
+    except ImportError as e:
+        raise SystemExit(f"the plots need matplotlib ({e}): pip install -e '.[bench]' (or pass --no-plot)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except Exception as e:  # not installed / no backend
-        print(f"plot skipped: matplotlib not importable ({type(e).__name__}: {e})")
-        return None
+    return plt
+
+
+def _save(fig, path: str, svg: bool) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    if svg:
+        fig.savefig(os.path.splitext(path)[0] + ".svg")
+    return path
+
+
+def plot_ratios(rows: list[dict], path: str, x: str = "tokens", panel_keys=("shape", "rank", "dtype"),
+                mode: str = "eager", title: str = "", svg: bool = False) -> str | None:
+    """Ratio-to-baseline vs ``x`` (log axis), one line per method, one panel per ``panel_keys``:
+    a PNG at ``path`` (and an SVG beside it with ``svg``). Returns the path, or None without rows."""
     sel = [r for r in rows if r.get("mode", "eager") == mode and r.get("ratio") not in ("", None)]
     if not sel:
         print("plot skipped: no rows with ratios")
         return None
+    plt = _pyplot()
     panels = sorted({tuple(r.get(k) for k in panel_keys) for r in sel}, key=str)
     cols = min(4, len(panels))
     nrows = (len(panels) + cols - 1) // cols
@@ -307,60 +340,28 @@ def plot_ratios(rows: list[dict], path: str, x: str = "tokens", panel_keys=("sha
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    _save(fig, path, svg)
     plt.close(fig)
     print(f"plot -> {path}")
     return path
 
 
-_SVG_COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
-
-
-def svg_bars(path: str, title: str, groups: list[str], series: dict, ylabel: str = "") -> str:
-    """Grouped bar chart as a standalone SVG file (no plotting library needed).
-
-    ``groups``: labels along x; ``series``: name -> one value (or None: no bar) per group.
-    Returns the path written."""
-    width, height, left, bottom, top = 760, 360, 60, 60, 40
-    plot_w, plot_h = width - left - 20, height - bottom - top
-    vmax = max([v for vals in series.values() for v in vals if v is not None] or [1.0]) * 1.1
-    gw = plot_w / max(len(groups), 1)
-    bw = gw * 0.8 / max(len(series), 1)
-
-    def esc(t) -> str:
-        return str(t).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="13">{esc(title)}</text>',
-           f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="black"/>',
-           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="black"/>',
-           f'<text x="14" y="{top + plot_h / 2}" transform="rotate(-90 14 {top + plot_h / 2})" '
-           f'text-anchor="middle">{esc(ylabel)}</text>']
-    for i in range(5):  # y ticks
-        v = vmax * i / 4
-        y = top + plot_h - plot_h * i / 4
-        label = f"{v:.0f}" if vmax >= 100 else f"{v:.3g}"
-        out.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
-    for gi, g in enumerate(groups):
-        x0 = left + gi * gw + gw * 0.1
-        out.append(f'<text x="{left + gi * gw + gw / 2:.1f}" y="{top + plot_h + 16}" text-anchor="middle">{esc(g)}</text>')
-        for si, (name, vals) in enumerate(series.items()):
-            v = vals[gi]
-            if v is None:
-                continue
-            h = plot_h * v / vmax
-            out.append(f'<rect x="{x0 + si * bw:.1f}" y="{top + plot_h - h:.1f}" width="{bw * 0.95:.1f}" '
-                       f'height="{h:.1f}" fill="{_SVG_COLORS[si % len(_SVG_COLORS)]}"><title>{esc(name)}: {v:.4g}'
-                       f'</title></rect>')
-    for si, name in enumerate(series):  # legend
-        x = left + 10 + si * 110
-        out.append(f'<rect x="{x}" y="{height - 22}" width="10" height="10" fill="{_SVG_COLORS[si % len(_SVG_COLORS)]}"/>'
-                   f'<text x="{x + 14}" y="{height - 13}">{esc(name)}</text>')
-    out.append("</svg>")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(out))
+def bar_plot(path: str, title: str, groups: list[str], series: dict, ylabel: str = "", svg: bool = False) -> str:
+    """Grouped bars: ``groups`` along x, ``series`` name -> one value (or None: no bar) per group.
+    Writes a PNG at ``path`` (and an SVG beside it with ``svg``); returns the path."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    width = 0.8 / max(len(series), 1)
+    for k, (name, vals) in enumerate(series.items()):
+        xs = [i + k * width for i, v in enumerate(vals) if v is not None]
+        bars = ax.bar(xs, [v for v in vals if v is not None], width, label=name)
+        ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncols=min(5, len(series)))
+    ax.margins(y=0.15)
+    _save(fig, path, svg)
+    plt.close(fig)
     return path

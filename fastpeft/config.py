@@ -451,7 +451,7 @@ class LoraConfig(PeftConfig):
             if not self.loftq_config:
                 raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
         elif self.loftq_config:
-            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.", stacklevel=2)
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.", stacklevel=3)
             self.loftq_config = {}
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
@@ -462,7 +462,7 @@ class LoraConfig(PeftConfig):
             if self.use_dora:
                 raise ValueError("`lora_bias=True` is not supported for DoRA, please pass use_dora=False.")
         if self.alora_invocation_tokens is not None and self.task_type != TaskType.CAUSAL_LM:
-            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=2)
+            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- AdaLoRA
@@ -497,7 +497,7 @@ class AdaLoraConfig(LoraConfig):
         if self.loftq_config:
             raise ValueError("ADALORA does not support LoftQ; remove `loftq_config`.")
         if self.r != 8:
-            warnings.warn("`r` is not used by AdaLoRA and is ignored; set the initial rank with `init_r`.", stacklevel=2)
+            warnings.warn("`r` is not used by AdaLoRA and is ignored; set the initial rank with `init_r`.", stacklevel=3)
         _check_positive_int("init_r", self.init_r)
         _check_positive_int("target_r", self.target_r)
         for name in ("tinit", "tfinal"):

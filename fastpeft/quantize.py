@@ -1,8 +1,9 @@
 """``fastpeft.quantize``: turn a model's linear layers into bitsandbytes-format 4-bit / 8-bit layers.
 
-The layers are ``bitsandbytes.nn.Linear4bit`` / ``bitsandbytes.nn.Linear8bitLt`` with the exact
-storage bitsandbytes itself produces for the same weights (``fastpeft/quant/formats.py``), so
-they are interchangeable with bitsandbytes' own layers: same forward, same ``state_dict`` (it
+The layers are ``bitsandbytes.nn.Linear4bit`` / ``bitsandbytes.nn.Linear8bitLt`` quantized by
+bitsandbytes' own code on the weight's device, byte for byte what Transformers'
+``BitsAndBytesConfig`` stores for the same weights, so they are interchangeable with bitsandbytes'
+own layers: same forward, same ``state_dict`` (it
 saves with safetensors and loads into a bitsandbytes layer), and PEFT / Transformers treat them
 as bitsandbytes layers. fastpeft's adapters on them run the fused dequantizing kernels.
 """

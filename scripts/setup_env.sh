@@ -13,6 +13,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 pip_install() { .venv/bin/python -m pip install -q -c "$CONSTRAINTS" "$@"; }
-pip_install pip setuptools wheel
+pip_install --upgrade pip setuptools wheel  # setuptools >= 77 (pyproject.toml's license field)
 pip_install torch
 pip_install --no-build-isolation -e ".[test]"

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 # install only warns). FASTPEFT_SKIP_EXT=1 tests the pure-Python package instead.
 if [ "${FASTPEFT_SKIP_EXT:-0}" = "0" ]; then
   export FASTPEFT_REQUIRE_EXT=1
+else
+  unset FASTPEFT_REQUIRE_EXT
 fi
 bash scripts/setup_env.sh
 .venv/bin/ruff check .

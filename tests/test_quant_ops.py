@@ -17,6 +17,7 @@ import fastpeft.ops as ops  # noqa: E402
 from fastpeft.ops import reference as ref  # noqa: E402
 from fastpeft.quant import formats as F  # noqa: E402
 
+from marks import interpreted  # noqa: E402
 from tolerance import assert_close_to_ref  # noqa: E402
 
 HAS_TRITON = "triton" in ops.available_backends()
@@ -171,7 +172,7 @@ def _check(c, name):
     assert_close_to_ref(out, plain, c.exact(), name)
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("fp4", False), ("nf4", False), ("fp4", True)])
@@ -180,7 +181,7 @@ def test_triton_4bit_decode_mixed(dev, dtype, quant_type, nested):
     _check(c, f"4bit {quant_type} nested={nested} {dtype}")
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_8bit_decode_mixed(dev, dtype):
@@ -188,7 +189,7 @@ def test_triton_8bit_decode_mixed(dev, dtype):
     _check(c, f"8bit {dtype}")
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 @pytest.mark.parametrize("fmt", [4, 8])
 @pytest.mark.parametrize("shape", [(1, 64, 40), (7, 75, 40), (3, 63, 33), (20, 192, 130)])
@@ -199,7 +200,7 @@ def test_triton_odd_shapes_rank1(dev, fmt, shape):
     _check(c, f"fmt={fmt} {shape}")
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 @pytest.mark.parametrize("fmt", [4, 8])
 def test_triton_epilogue_dora_ia3_multi(dev, fmt):
@@ -212,7 +213,7 @@ def test_triton_epilogue_dora_ia3_multi(dev, fmt):
     _check(c, f"fmt={fmt} dora broadcast J=2")
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 @pytest.mark.parametrize("M,K,N,blocksize", [(3, 128, 40, 32), (20, 256, 48, 256), (4, 100, 40, 64), (2, 512, 24, 128)])
 def test_triton_4bit_blocksizes(dev, M, K, N, blocksize):
@@ -221,7 +222,7 @@ def test_triton_4bit_blocksizes(dev, M, K, N, blocksize):
     _check(c, f"blocksize={blocksize} K={K}")
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 def test_triton_backend_is_the_triton_kernel(dev, triton_backend):
     from fastpeft.ops import backends, triton_quant
@@ -230,21 +231,21 @@ def test_triton_backend_is_the_triton_kernel(dev, triton_backend):
     assert backends.resolve("adapter_linear_8bit", dev.type) is triton_quant.adapter_linear_8bit
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 def test_triton_ia3_only_no_bias(dev):
     c = Case(dev, 6, 128, 64, dtype=torch.float32, lora=False, bias=False, ins="k", outs="mn")
     _check(c, "ia3 only")
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 def test_triton_compute_dtype_differs_from_x(dev):
     c = Case(dev, 4, 128, 64, dtype=torch.float32, compute_dtype=torch.bfloat16, lora_dtype=torch.float32)
     _check(c, "fp32 x, bf16 compute")
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 @pytest.mark.parametrize("path,split", [("fused", 3), ("base_fused", 1), ("dequant", 1)])
 @pytest.mark.parametrize("fmt", [4, 8])
@@ -254,7 +255,7 @@ def test_triton_paths_and_split_k(dev, knobs, fmt, path, split):
     _check(c, f"{path} split={split}")
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 def test_triton_prefill_rows(dev, knobs):
     # more rows than the decode tile, fused GEMM tiling, and the same shape through the dequant path
@@ -269,7 +270,7 @@ def test_triton_prefill_rows(dev, knobs):
     assert QL.plan_path(32, 2 * QL.MAX_FUSED_COLS) == "base_fused" and QL.plan_path(32, QL.MAX_FUSED_COLS) == "fused"
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 def test_triton_dequantize_kernel_exact(dev):
     from fastpeft.kernels import quant_linear as QL
@@ -286,7 +287,7 @@ def test_triton_dequantize_kernel_exact(dev):
         torch.testing.assert_close(got, want, rtol=2e-7, atol=0)  # an FMA may round the nested absmax once
 
 
-@pytest.mark.slow
+@interpreted
 @needs_triton
 def test_triton_rejects_bad_shapes(dev, triton_backend):
     c = Case(dev, 3, 64, 48, dtype=torch.float32, lora=False)

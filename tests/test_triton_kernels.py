@@ -13,6 +13,7 @@ import torch
 import fastpeft.ops as ops
 from fastpeft.ops import backends, reference
 
+from marks import interpreted
 from tolerance import assert_close_to_ref
 
 HAS_CUDA = torch.cuda.is_available()
@@ -21,7 +22,7 @@ pytestmark = [
         "triton" not in ops.available_backends(),
         reason=f"triton backend unavailable: {ops.available_backends(verbose=True).get('triton')}",
     ),
-    pytest.mark.slow,  # without a GPU every test here runs the Triton interpreter
+    interpreted,  # without a GPU every test here runs in the Triton interpreter
 ]
 
 if "triton" in ops.available_backends():

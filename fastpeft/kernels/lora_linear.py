@@ -33,6 +33,7 @@ shapes (CUDA graphs and ``torch.compile`` can capture the launch).
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -41,6 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import tuning
 from ._interpret import INTERPRET
 
 # ---------------------------------------------------------------------------------------------
@@ -117,6 +119,31 @@ SMEM_BUDGET = 160 * 1024
 # SM count assumed when no GPU is present (interpreter): an H100 SXM, so the plans made on the
 # CPU are the ones an H100 would get.
 ASSUMED_SMS = 132
+
+# Fused-kernel tiles (BM, BN, BK, num_warps, num_stages) before _fit_smem and the JRP/N/K clamps.
+# Decode (M <= DECODE_MAX_ROWS): BM=16, the smallest tl.dot M (16 rows cost what 1 does). BN=128:
+# A is re-read once per N tile, JRP / BN of the weight's elements (see MAX_AREREAD_FRACTION), so
+# wide tiles; split-K then spreads the weight over >= 2 waves. BK=128 before _fit_smem (64 for
+# bf16: 4 stages of a [64, 128] weight tile, 16 KB each, in flight).
+DECODE_TILE = (16, 128, 128, 4, 4)
+# GEMM tiling for 17..FUSED_MAX_ROWS rows: 64x128x64 with 8 warps is Triton's usual Hopper bf16
+# starting point; 32-row tiles for up to 32 rows waste less of the MMA.
+FUSED_TILE_32 = (32, 128, 64, 4, 3)
+FUSED_TILE_64 = (64, 128, 64, 8, 3)
+
+# The constants above that a per-device tuning file may override (fastpeft/kernels/tuning.py;
+# written by bench/bench_linear.py --tune). ASSUMED_SMS is not one: it stands in for a device.
+TUNABLES = (
+    "DECODE_MAX_ROWS", "FUSED_MAX_ROWS", "MAX_AREREAD_FRACTION", "FUSED_MAX_DISTINCT", "ADD_MAX_NSPLIT",
+    "MAX_XREREAD_FRACTION", "MIN_K_PER_SHRINK", "DECODE_MAX_JRP", "FUSED_MAX_JRP", "ADD_MAX_JRP",
+    "IEEE_MAX_JRP", "TARGET_WAVES", "MIN_K_PER_SPLIT", "WS_MAX_FRACTION", "MAX_SPLIT_K", "SMEM_BUDGET",
+    "DECODE_TILE", "FUSED_TILE_32", "FUSED_TILE_64",
+)
+
+
+def _rules(dev: torch.device) -> SimpleNamespace:
+    """The planner's constants for ``dev``: this module's values, with the device's tuning file on top."""
+    return SimpleNamespace(**tuning.rules("lora_linear", dev, {n: globals()[n] for n in TUNABLES}))
 
 
 
@@ -553,24 +580,26 @@ def _lora_add_kernel(
 
 PATHS = ("decode", "fused", "given", "split")
 
-_overrides: dict = {"path": None, "split_k": None, "split_shrink": None}
+_overrides: dict = {"path": None, "split_k": None, "split_shrink": None, "tile": None}
 
 
 @contextlib.contextmanager
-def override(path: str | None = None, split_k: int | None = None, split_shrink: str | None = None):
+def override(path: str | None = None, split_k: int | None = None, split_shrink: str | None = None,
+             tile: tuple | None = None):
     """Force a path and/or a split-K factor (tests, benchmarks); plans made inside are dropped after.
 
     path: "decode" / "fused" (the fused kernel with decode or GEMM tiling, shrink inside it),
     "given" (row-tile shrink kernel, then the fused kernel), "split" (cuBLAS base, then
     _lora_add_kernel). split_shrink (split path only): "inside" (one kernel) or "given" (the
-    shrink kernel first).
+    shrink kernel first). tile (fused kernel): (BM, BN, BK, num_warps, num_stages) before the
+    shared-memory and shape clamps (``bench/bench_linear.py --tune`` sweeps it).
     """
     if path is not None and path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
     if split_shrink not in (None, "inside", "given"):
         raise ValueError(f"unknown split_shrink {split_shrink!r}; expected 'inside' or 'given'")
     old = dict(_overrides)
-    _overrides.update(path=path, split_k=split_k, split_shrink=split_shrink)
+    _overrides.update(path=path, split_k=split_k, split_shrink=split_shrink, tile=None if tile is None else tuple(tile))
     _plans.clear()
     try:
         yield
@@ -635,27 +664,27 @@ def _precision(dtype: torch.dtype, other: torch.dtype, fp32_prec: str) -> str:
     return "ieee" if fp32_prec == "highest" else "tf32"
 
 
-def _fit_smem(BM: int, BN: int, BK: int, JRP: int, wsize: int, lsize: int, stages: int) -> tuple:
+def _fit_smem(BM: int, BN: int, BK: int, JRP: int, wsize: int, lsize: int, stages: int, L) -> tuple:
     """Shrink BK, then the pipeline depth, until the per-stage tiles fit SMEM_BUDGET."""
 
     def need(bk, st):
         return st * (BM * bk * wsize + bk * BN * wsize + bk * JRP * lsize)
 
-    while need(BK, stages) > SMEM_BUDGET and BK > 32:
+    while need(BK, stages) > L.SMEM_BUDGET and BK > 32:
         BK //= 2
-    while need(BK, stages) > SMEM_BUDGET and stages > 2:
+    while need(BK, stages) > L.SMEM_BUDGET and stages > 2:
         stages -= 1
     return BK, stages
 
 
-def _split_k(n_tiles: int, K: int, M: int, N: int, bk: int, sms: int, w_bytes: int) -> int:
-    want = max(1, (TARGET_WAVES * sms + n_tiles - 1) // max(n_tiles, 1))
+def _split_k(n_tiles: int, K: int, M: int, N: int, bk: int, sms: int, w_bytes: int, L) -> int:
+    want = max(1, (L.TARGET_WAVES * sms + n_tiles - 1) // max(n_tiles, 1))
     sk = 1
     while (
         sk < want
-        and sk * 2 <= MAX_SPLIT_K
-        and K // (sk * 2) >= max(MIN_K_PER_SPLIT, bk)
-        and (sk * 2) * M * N * 4 <= WS_MAX_FRACTION * w_bytes
+        and sk * 2 <= L.MAX_SPLIT_K
+        and K // (sk * 2) >= max(L.MIN_K_PER_SPLIT, bk)
+        and (sk * 2) * M * N * 4 <= L.WS_MAX_FRACTION * w_bytes
     ):
         sk *= 2
     return sk
@@ -663,6 +692,7 @@ def _split_k(n_tiles: int, K: int, M: int, N: int, bk: int, sms: int, w_bytes: i
 
 def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_ins, has_outs, fp32_prec) -> Plan:
     has_lora = J > 0
+    L = _rules(dev)
     RP = max(16, _pow2(R)) if has_lora else 16
     JRP = _pow2(J) * RP if has_lora else 16
     distinct = 1 if bcast else min(S, M * J)
@@ -683,23 +713,23 @@ def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_
         path = forced
     elif not has_lora and not (has_ins or has_outs):
         path = "split"  # a plain linear: cuBLAS as it is (the split path returns F.linear)
-    elif M > FUSED_MAX_ROWS:
+    elif M > L.FUSED_MAX_ROWS:
         path = "split"
     else:
-        path = "decode" if M <= DECODE_MAX_ROWS else "fused"
-        limit = min(DECODE_MAX_JRP if path == "decode" else FUSED_MAX_JRP, IEEE_MAX_JRP if ieee else 1 << 30)
+        path = "decode" if M <= L.DECODE_MAX_ROWS else "fused"
+        limit = min(L.DECODE_MAX_JRP if path == "decode" else L.FUSED_MAX_JRP, L.IEEE_MAX_JRP if ieee else 1 << 30)
         if has_lora and JRP > limit:
             path = "split"
     if path == "given" and not has_lora:
-        path = "decode" if M <= DECODE_MAX_ROWS else "fused"
+        path = "decode" if M <= L.DECODE_MAX_ROWS else "fused"
 
     if path == "split":
         # _lora_add_kernel tiles. BN=128 output columns per expand step (a 256-byte line of a
         # bf16 y row); BK=64 keeps the [BK, JRP] A tile small. The [BM, JRP] fp32 xa stays in
         # registers for the whole N loop: BM * JRP <= 8192 (sm_90 AOT compile: BM=64 at
         # J*RP=256 spilled 640 bytes, BM=32 with 8 warps none).
-        jrp_chunk = _pow2(max(1, min(J, ADD_MAX_JRP // RP))) * RP if has_lora else 16
-        j_chunk = max(1, min(J, ADD_MAX_JRP // RP)) if has_lora else 1
+        jrp_chunk = _pow2(max(1, min(J, L.ADD_MAX_JRP // RP))) * RP if has_lora else 16
+        j_chunk = max(1, min(J, L.ADD_MAX_JRP // RP)) if has_lora else 1
         BN = 128 if N >= 128 else max(16, _pow2(N))
         if ieee:  # FMA dot: operand tiles in registers (AOT: 255 regs at BN=128, 80 at 64)
             BN = min(BN, 64)
@@ -711,22 +741,22 @@ def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_
         # more row tiles (smaller BM) or more N slices fill the GPU. When that fills it only at
         # an x re-read above MAX_XREREAD_FRACTION of the weight's bytes, the shrink runs first
         # (_lora_shrink_kernel, x read once) and every program only expands one [BM, BN] tile.
-        while BM > 16 and triton.cdiv(M, BM) * ADD_MAX_NSPLIT < sms:
+        while BM > 16 and triton.cdiv(M, BM) * L.ADD_MAX_NSPLIT < sms:
             BM //= 2
         m_tiles = triton.cdiv(M, BM)
-        nsplit = max(1, min(n_tiles, ADD_MAX_NSPLIT, (TARGET_WAVES * sms + m_tiles - 1) // m_tiles))
+        nsplit = max(1, min(n_tiles, L.ADD_MAX_NSPLIT, (L.TARGET_WAVES * sms + m_tiles - 1) // m_tiles))
         xs_bytes = M * K * torch.empty((), dtype=xdt).element_size()
         given = has_lora and J <= j_chunk and (
-            forced_add == "given" or (forced_add is None and (nsplit - 1) * xs_bytes > MAX_XREREAD_FRACTION * N * K * esize)
+            forced_add == "given" or (forced_add is None and (nsplit - 1) * xs_bytes > L.MAX_XREREAD_FRACTION * N * K * esize)
         )
         xa_splits = xa_k = xa_bk = xa_bm = 0
         if given:
             BM = min(64, max(16, _pow2(M)), max(16, 8192 // jrp_chunk))
             m_tiles, nsplit = triton.cdiv(M, BM), n_tiles
             xa_bm = BM
-            xa_bk, _ = _fit_smem(xa_bm, 0, 64, jrp_chunk, esize, lsize, 2)
-            want = max(1, (TARGET_WAVES * sms + m_tiles - 1) // m_tiles)
-            xa_splits = max(1, min(want, K // MIN_K_PER_SHRINK))
+            xa_bk, _ = _fit_smem(xa_bm, 0, 64, jrp_chunk, esize, lsize, 2, L)
+            want = max(1, (L.TARGET_WAVES * sms + m_tiles - 1) // m_tiles)
+            xa_splits = max(1, min(want, K // L.MIN_K_PER_SHRINK))
             xa_k = max(xa_bk, triton.cdiv(triton.cdiv(K, xa_splits), xa_bk) * xa_bk)
             xa_splits = max(1, triton.cdiv(K, xa_k))
         n_per = triton.cdiv(triton.cdiv(N, nsplit), BN) * BN
@@ -734,18 +764,13 @@ def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_
         meta = dict(common, J=j_chunk, JRP=jrp_chunk, BM=BM, BN=BN, BK=64, num_warps=8 if BM >= 32 else 4, num_stages=2)
         return Plan(path, (m_tiles, nsplit), meta, 1, K, xa_splits, xa_k, xa_bk, xa_bm, n_per, j_chunk)
 
-    # ---- fused kernel tiles ----
-    if M <= DECODE_MAX_ROWS:
-        # BM=16: the smallest tl.dot M (16 rows cost what 1 does). BN=128: A is re-read once
-        # per N tile, JRP / BN of the weight's elements (see MAX_AREREAD_FRACTION), so wide
-        # tiles; split-K then spreads the weight over >= 2 waves. BK=128 before _fit_smem
-        # (64 for bf16: 4 stages of a [64, 128] weight tile, 16 KB each, in flight).
-        BM, BN, BK, warps, stages = 16, 128, 128, 4, 4
+    # ---- fused kernel tiles (DECODE_TILE / FUSED_TILE_*: see where they are defined) ----
+    if _overrides.get("tile") is not None:
+        BM, BN, BK, warps, stages = _overrides["tile"]
+    elif M <= L.DECODE_MAX_ROWS:
+        BM, BN, BK, warps, stages = L.DECODE_TILE
     else:
-        # GEMM tiling for 17..FUSED_MAX_ROWS rows: 64x128x64 with 8 warps is Triton's usual
-        # Hopper bf16 starting point; 32-row tiles for up to 32 rows waste less of the MMA.
-        BM = 32 if M <= 32 else 64
-        BN, BK, warps, stages = 128, 64, (4 if BM == 32 else 8), 3
+        BM, BN, BK, warps, stages = L.FUSED_TILE_32 if M <= 32 else L.FUSED_TILE_64
     if ieee:  # FMA dot (see IEEE_MAX_JRP): smaller operand tiles
         BN, BK = min(BN, 64), min(BK, 32)
     while has_lora and BN > 64 and JRP * BN > 16384:  # [JRP, BN] B tile (AOT: JRP=256, BN=128 spilled)
@@ -754,18 +779,18 @@ def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_
         BN = max(16, _pow2(N))
     if K < BK:
         BK = max(16, _pow2(K))
-    BK, stages = _fit_smem(BM, BN, BK, JRP if has_lora else 0, esize, lsize, stages)
+    BK, stages = _fit_smem(BM, BN, BK, JRP if has_lora else 0, esize, lsize, stages, L)
     m_tiles = triton.cdiv(M, BM)
     tiles = m_tiles * triton.cdiv(N, BN)
 
     if forced is None and has_lora and path in ("decode", "fused"):
         reread = m_tiles * min(distinct, BM) * JRP * lsize / (BN * esize)
-        if (not bcast and distinct > FUSED_MAX_DISTINCT) or reread > MAX_AREREAD_FRACTION:
+        if (not bcast and distinct > L.FUSED_MAX_DISTINCT) or reread > L.MAX_AREREAD_FRACTION:
             path = "given"
 
     sk = _overrides["split_k"]
     if sk is None:
-        sk = _split_k(tiles, K, M, N, BK, sms, N * K * esize)
+        sk = _split_k(tiles, K, M, N, BK, sms, N * K * esize, L)
     sk = max(1, min(int(sk), triton.cdiv(K, BK)))
     k_per = max(BK, triton.cdiv(triton.cdiv(K, sk), BK) * BK)
     sk = max(1, triton.cdiv(K, k_per))
@@ -781,11 +806,11 @@ def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_
     if shrink == 3:
         # shrink kernel: 16-row tiles for decode, 64 above (A read once per row tile); K slices
         # (>= MIN_K_PER_SHRINK) until there are TARGET_WAVES programs per SM
-        xa_bm = 16 if M <= DECODE_MAX_ROWS else 64
-        xa_bk, _ = _fit_smem(xa_bm, 0, 64, JRP, esize, lsize, 2)
+        xa_bm = 16 if M <= L.DECODE_MAX_ROWS else 64
+        xa_bk, _ = _fit_smem(xa_bm, 0, 64, JRP, esize, lsize, 2, L)
         xa_m_tiles = triton.cdiv(M, xa_bm)
-        want = max(1, (TARGET_WAVES * sms + xa_m_tiles - 1) // xa_m_tiles)
-        xa_splits = max(1, min(want, K // MIN_K_PER_SHRINK))
+        want = max(1, (L.TARGET_WAVES * sms + xa_m_tiles - 1) // xa_m_tiles)
+        xa_splits = max(1, min(want, K // L.MIN_K_PER_SHRINK))
         xa_k = max(xa_bk, triton.cdiv(triton.cdiv(K, xa_splits), xa_bk) * xa_bk)
         xa_splits = max(1, triton.cdiv(K, xa_k))
 

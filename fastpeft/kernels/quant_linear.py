@@ -35,11 +35,14 @@ nested offset and the LUTs are read on the device).
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import tuning
 from ._interpret import INTERPRET
 
 # ---------------------------------------------------------------------------------------------
@@ -69,10 +72,31 @@ TARGET_PROGRAMS_PER_SM = 2
 MIN_K_PER_SPLIT = 1024
 MAX_SPLIT_K = 8
 ASSUMED_SMS = 132
+# Tiles (BM, BN, BK, num_warps, num_stages): the zero-spill configurations of a ptxas compile
+# sweep for sm_90 (both formats, bf16, plain and mixed/DoRA/IA3 epilogues): BN=64, BK=64, 8 warps,
+# 3 stages at BM=16 and BM=64. BN=128 or BK=128 with the heavier epilogues spilled 0.2-1.8 KB;
+# BK=128 at 4 warps spilled too. Whether a wider tile would be faster despite spills is
+# unmeasured (bench/bench_quant.py --tune sweeps them).
+DECODE_TILE = (16, 64, 64, 8, 3)
+PREFILL_TILE = (64, 64, 64, 8, 3)
+
+# The constants above that a per-device tuning file may override (fastpeft/kernels/tuning.py;
+# written by bench/bench_quant.py --tune).
+TUNABLES = ("DECODE_MAX_ROWS", "PREFILL_MIN_ROWS", "MAX_FUSED_COLS_DECODE", "MAX_FUSED_COLS", "TARGET_PROGRAMS_PER_SM",
+            "MIN_K_PER_SPLIT", "MAX_SPLIT_K", "DECODE_TILE", "PREFILL_TILE")
+
+
+def _rules(device: torch.device | None) -> SimpleNamespace:
+    """The planner's constants for ``device``: this module's values, with the device's tuning file on top."""
+    defaults = {n: globals()[n] for n in TUNABLES}
+    if device is None:
+        return SimpleNamespace(**defaults)
+    return SimpleNamespace(**tuning.rules("quant_linear", device, defaults))
 
 # Test hooks: force a path / split-K (None = heuristics).
 FORCE_PATH: str | None = None  # "fused" or "dequant"
 FORCE_SPLIT_K: int | None = None
+FORCE_TILE: tuple | None = None  # (BM, BN, BK, num_warps, num_stages)
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -324,28 +348,22 @@ def _num_sms(device: torch.device) -> int:
     return ASSUMED_SMS
 
 
-def _tiles(M: int):
-    """(BM, BN, BK, num_warps, num_stages) for M rows.
-
-    The zero-spill configurations of a ptxas compile sweep for sm_90 (both formats, bf16, plain
-    and mixed/DoRA/IA3 epilogues): BN=64, BK=64, 8 warps, 3 stages at BM=16 and BM=64. BN=128
-    or BK=128 with the heavier epilogues spilled 0.2-1.8 KB; BK=128 at 4 warps spilled too.
-    Whether a wider tile would be faster despite spills is unmeasured (bench/bench_quant.py).
-    """
-    if M <= DECODE_MAX_ROWS:
-        return 16, 64, 64, 8, 3
-    return 64, 64, 64, 8, 3
+def _tiles(M: int, L) -> tuple:
+    """(BM, BN, BK, num_warps, num_stages) for M rows (DECODE_TILE / PREFILL_TILE, or FORCE_TILE)."""
+    if FORCE_TILE is not None:
+        return tuple(FORCE_TILE)
+    return L.DECODE_TILE if M <= L.DECODE_MAX_ROWS else L.PREFILL_TILE
 
 
-def _split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int, device) -> int:
+def _split_k(M: int, N: int, K: int, bm: int, bn: int, bk: int, device, L) -> int:
     if FORCE_SPLIT_K is not None:
         return max(1, int(FORCE_SPLIT_K))
     if INTERPRET or device.type != "cuda":
         return 1
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    want = triton.cdiv(_num_sms(device) * TARGET_PROGRAMS_PER_SM, tiles)
-    most = max(1, K // MIN_K_PER_SPLIT)
-    return int(max(1, min(want, most, MAX_SPLIT_K)))
+    want = triton.cdiv(_num_sms(device) * L.TARGET_PROGRAMS_PER_SM, tiles)
+    most = max(1, K // L.MIN_K_PER_SPLIT)
+    return int(max(1, min(want, most, L.MAX_SPLIT_K)))
 
 
 def dequantize_4bit_triton(qweight, absmax, code, nested_absmax, nested_code, nested_offset,
@@ -419,8 +437,9 @@ def quant_linear(
     CP = max(16, _pow2(C))
     has_dora = has_lora and dora_scale is not None
     has_outs = (not base_only) and output_scale is not None
-    bm, bn, bk, warps, stages = _tiles(M)
-    split = _split_k(M, N, K, bm, bn, bk, dev)
+    L = _rules(x.device)
+    bm, bn, bk, warps, stages = _tiles(M, L)
+    split = _split_k(M, N, K, bm, bn, bk, dev, L)
     xdt = x.dtype
     out_dtype = torch.float32 if split > 1 else xdt
     y = (torch.zeros if split > 1 else torch.empty)(M, N, dtype=out_dtype, device=dev)
@@ -469,12 +488,15 @@ def quant_linear(
     return y.to(xdt) if split > 1 else y
 
 
-def plan_path(M: int, C_padded: int) -> str:
-    """"fused" (one kernel), "base_fused" (kernel for the base, adapters added after) or "dequant"."""
+def plan_path(M: int, C_padded: int, device: torch.device | None = None) -> str:
+    """"fused" (one kernel), "base_fused" (kernel for the base, adapters added after) or "dequant".
+
+    ``device``: whose tuning file applies (None: this module's constants alone)."""
     if FORCE_PATH is not None:
         return FORCE_PATH
-    if M >= PREFILL_MIN_ROWS:
+    L = _rules(device)
+    if M >= L.PREFILL_MIN_ROWS:
         return "dequant"
-    if C_padded > (MAX_FUSED_COLS_DECODE if M <= DECODE_MAX_ROWS else MAX_FUSED_COLS):
+    if C_padded > (L.MAX_FUSED_COLS_DECODE if M <= L.DECODE_MAX_ROWS else L.MAX_FUSED_COLS):
         return "base_fused"
     return "fused"

@@ -102,7 +102,7 @@ def adapter_linear_4bit(
     if M == 0:
         return x.new_empty(0, N)
     args = (bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale)
-    path = _k.plan_path(M, _stacked_cols(lora_a, token_slots))
+    path = _k.plan_path(M, _stacked_cols(lora_a, token_slots), x.device)
     if path == "dequant":
         w = _k.dequantize_4bit_triton(qweight, absmax, code, nested_absmax, nested_code, nested_offset,
                                       N, K, blocksize, nested_blocksize, cd)
@@ -130,7 +130,7 @@ def adapter_linear_8bit(
     if M == 0:
         return x.new_empty(0, N)
     args = (bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale)
-    path = _k.plan_path(M, _stacked_cols(lora_a, token_slots))
+    path = _k.plan_path(M, _stacked_cols(lora_a, token_slots), x.device)
     if path == "dequant":
         return _dense(x, reference.dequantize_8bit_weight(qweight, row_scale, x.dtype), *args)
     rs = row_scale.float().contiguous()

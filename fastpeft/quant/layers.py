@@ -217,13 +217,16 @@ def make_linear4bit(
     compute_dtype: torch.dtype | None = None,
     quant_storage: torch.dtype = torch.uint8,
 ) -> nn.Module:
-    """A ``bitsandbytes.nn.Linear4bit`` holding ``weight [N, K]`` quantized by :func:`formats.quantize_4bit`
-    (what bitsandbytes stores for the same weight), on the weight's device."""
+    """A ``bitsandbytes.nn.Linear4bit`` holding ``weight [N, K]`` quantized by bitsandbytes itself
+    (``bitsandbytes.functional.quantize_4bit`` on the weight's device, in the weight's dtype: what
+    ``Params4bit`` and so Transformers' ``BitsAndBytesConfig`` store for the same weight, byte for
+    byte). :mod:`fastpeft.quant.formats` stays the readable decoder the kernels are tested against."""
     import bitsandbytes as bnb
 
     N, K = weight.shape
-    packed, st = formats.quantize_4bit(weight, quant_type, blocksize, double_quant, quant_storage)
-    qs = st.to_bnb()
+    packed, qs = bnb.functional.quantize_4bit(weight.detach().contiguous(), blocksize=blocksize,
+                                              compress_statistics=double_quant, quant_type=quant_type,
+                                              quant_storage=quant_storage)
     layer = bnb.nn.Linear4bit(
         K, N, bias=bias is not None, compute_dtype=compute_dtype, compress_statistics=double_quant,
         quant_type=quant_type, quant_storage=quant_storage, device="meta",
@@ -239,11 +242,12 @@ def make_linear4bit(
 
 def make_linear8bit(weight: Tensor, bias: Tensor | None, *, threshold: float = 0.0) -> nn.Module:
     """A ``bitsandbytes.nn.Linear8bitLt`` (``has_fp16_weights=False``) holding ``weight [N, K]`` as
-    LLM.int8 ``CB``/``SCB``, exactly as ``Int8Params`` quantizes it, on the weight's device."""
+    LLM.int8 ``CB``/``SCB``, quantized by bitsandbytes as ``Int8Params`` does it (the weight in
+    fp16, ``int8_vectorwise_quant``), on the weight's device."""
     import bitsandbytes as bnb
 
     N, K = weight.shape
-    cb, scb = formats.quantize_8bit_rowwise(weight)
+    cb, scb, _ = bnb.functional.int8_vectorwise_quant(weight.detach().contiguous().to(torch.float16))
     layer = bnb.nn.Linear8bitLt(K, N, bias=bias is not None, has_fp16_weights=False, threshold=threshold, device="meta")
     layer.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
     layer.bias = None if bias is None else (bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False))

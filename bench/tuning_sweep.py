@@ -1,0 +1,72 @@
+"""``--tune`` for bench_linear.py and bench_quant.py: turn sweep timings into planner constants.
+
+A sweep times one method under several settings of one knob (a forced path, a split-K factor,
+a tile) and records rows ``{"knob": name, "value": setting, "case": (shape, dtype, tokens),
+"median_us": t}``. The functions here pick the winners; :func:`write` puts them in the
+device's tuning file (``fastpeft/kernels/tuning.py``), which the planners then read.
+
+The rules, kept simple so that a file can be checked by reading the CSV next to it:
+
+* a tile or split-K setting wins when its geometric-mean time over the cases is lowest;
+* a row threshold (the most rows a fused path takes, or the fewest from which dequantize +
+  cuBLAS wins) is the largest token count up to which the candidate beats the alternative in
+  most cases, at every swept count up to it.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+
+def best_setting(rows: list[dict], knob: str):
+    """The ``value`` of ``knob`` with the lowest geometric-mean ``median_us`` over the cases
+    that every value was timed on (None when nothing was timed)."""
+    times: dict = defaultdict(dict)
+    for r in rows:
+        if r["knob"] == knob and r.get("median_us"):
+            times[_key(r["value"])][r["case"]] = r["median_us"]
+    if not times:
+        return None
+    common = set.intersection(*(set(t) for t in times.values()))
+    if not common:
+        return None
+
+    def gmean(t):
+        return math.exp(sum(math.log(t[c]) for c in common) / len(common))
+
+    winner = min(times, key=lambda v: gmean(times[v]))
+    return list(winner) if isinstance(winner, tuple) else winner
+
+
+def _key(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def threshold_rows(rows: list[dict], knob: str, candidate, alternative) -> int | None:
+    """The largest token count T such that, at every swept token count <= T, ``candidate`` is
+    faster than ``alternative`` in most of the cases timed at that count (None if it never is).
+
+    Rows' ``case`` is (shape, dtype, tokens); the token count is its last element."""
+    per_tokens: dict = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        if r["knob"] == knob and r.get("median_us"):
+            per_tokens[r["case"][-1]][r["case"][:-1]][_key(r["value"])] = r["median_us"]
+    best = None
+    for tokens in sorted(per_tokens):
+        cases = [t for t in per_tokens[tokens].values() if _key(candidate) in t and _key(alternative) in t]
+        if not cases:
+            continue
+        wins = sum(t[_key(candidate)] < t[_key(alternative)] for t in cases)
+        if wins * 2 <= len(cases):
+            break
+        best = tokens
+    return best
+
+
+def write(device_name: str, planner: str, values: dict, script: str, commit: str, date: str, directory=None):
+    """Merge ``values`` (None entries dropped) into the device's tuning file; returns its path."""
+    from fastpeft.kernels import tuning
+
+    values = {k: v for k, v in values.items() if v is not None}
+    meta = {"written_by": f"bench/{script} --tune", "commit": commit, "date": date}
+    return tuning.write(device_name, planner, values, meta=meta, directory=directory)

@@ -1,0 +1,172 @@
+"""Per-device tuning files for the Triton planners: data that overrides the planners' constants.
+
+``bench/bench_linear.py --tune`` and ``bench/bench_quant.py --tune`` time the candidate paths,
+split-K factors and tiles on the GPU at hand and write the winners to
+``fastpeft/kernels/configs/<device>.json`` (``<device>`` is :func:`device_slug` of
+``torch.cuda.get_device_name()``, e.g. ``nvidia-h200.json``). A planner asks :func:`rules` for
+its constants: the module's own values (today's rules, each documented where it is defined),
+with the file's values for the current device on top. The file is only data:
+
+* no file for the device: the module's constants, silently;
+* a file that is not valid JSON, or not an object: a warning, and the module's constants;
+* a key the planner does not know, or a value of the wrong type or out of range: a warning
+  naming the key, and the module's constant for that key (the other keys still apply).
+
+The format (one section per planner; any other top-level key is metadata and ignored)::
+
+    {"device": "NVIDIA H200", "written_by": "bench/bench_linear.py --tune", "date": "...",
+     "lora_linear": {"FUSED_MAX_ROWS": 128, "DECODE_TILE": [16, 128, 64, 4, 4]},
+     "quant_linear": {"PREFILL_MIN_ROWS": 512}}
+
+``FASTPEFT_TUNING_DIR`` points to another folder of such files (tests, experiments).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+
+# device name -> parsed file (or {} when there is none / it is malformed), so a file is read once
+_files: dict[tuple[str, str], dict] = {}
+
+
+def config_dir() -> Path:
+    """Where the tuning files are read from (``FASTPEFT_TUNING_DIR`` or ``fastpeft/kernels/configs``)."""
+    return Path(os.environ.get("FASTPEFT_TUNING_DIR") or CONFIG_DIR)
+
+
+def device_slug(name: str) -> str:
+    """File stem for a device name: ``"NVIDIA H200"`` -> ``"nvidia-h200"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+_names: dict = {}
+
+
+def device_name(device: torch.device) -> str:
+    """The name a tuning file is keyed by: the CUDA device's name, ``"cpu"`` for the interpreter."""
+    name = _names.get(device)
+    if name is None:
+        name = _names[device] = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return name
+
+
+def config_path(name: str) -> Path:
+    return config_dir() / f"{device_slug(name)}.json"
+
+
+def clear_cache() -> None:
+    """Forget the files read so far (after writing one, or changing ``FASTPEFT_TUNING_DIR``).
+    Plans the planners cached keep their tiles: the dense planner's ``override()`` clears them."""
+    _files.clear()
+    _merged.clear()
+
+
+def _read(name: str) -> dict:
+    path = config_path(name)
+    key = (str(path), name)
+    if key in _files:
+        return _files[key]
+    data: dict = {}
+    if path.exists():
+        try:
+            loaded = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            warnings.warn(f"fastpeft: tuning file {path} is not readable JSON ({e}); using the built-in rules",
+                          stacklevel=3)
+        else:
+            if isinstance(loaded, dict):
+                data = loaded
+            else:
+                warnings.warn(f"fastpeft: tuning file {path} holds a {type(loaded).__name__}, not an object; "
+                              "using the built-in rules", stacklevel=3)
+    _files[key] = data
+    return data
+
+
+def _valid(default, value) -> bool:
+    """Same kind as the built-in value: a positive int, a positive number, or a list of as many positive ints."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    if isinstance(default, tuple):
+        return (isinstance(value, list) and len(value) == len(default)
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+    return False
+
+
+# (planner, device name, tuning dir, defaults) -> merged rules: a quantized-layer call asks every time
+_merged: dict = {}
+
+
+def rules(planner: str, device: torch.device, defaults: dict) -> dict:
+    """``defaults`` (a planner's constants by name) with the tuning file's ``planner`` section for
+    ``device`` applied. Lists in the file become tuples, like the built-in tile constants."""
+    key = (planner, device_name(device), str(config_dir()), tuple(defaults.items()))
+    out = _merged.get(key)
+    if out is None:
+        out = _merged[key] = _apply(planner, device, defaults)
+    return dict(out)
+
+
+def _apply(planner: str, device: torch.device, defaults: dict) -> dict:
+    section = _read(device_name(device)).get(planner)
+    if section is None:
+        return dict(defaults)
+    out = dict(defaults)
+    path = config_path(device_name(device))
+    if not isinstance(section, dict):
+        _warn_once(path, planner, f"section {planner!r} is not an object")
+        return out
+    for key, value in section.items():
+        if key not in defaults:
+            _warn_once(path, planner, f"{planner}.{key} is not a tunable of this planner "
+                                      f"(known: {', '.join(sorted(defaults))})")
+        elif not _valid(defaults[key], value):
+            builtin = list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key]
+            _warn_once(path, planner, f"{planner}.{key} = {value!r} is not a valid value (built-in: {builtin!r})")
+        else:
+            out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+_warned: set = set()
+
+
+def _warn_once(path: Path, planner: str, what: str) -> None:
+    key = (str(path), what)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"fastpeft: tuning file {path}: {what}; using the built-in value", stacklevel=4)
+
+
+def write(name: str, planner: str, values: dict, meta: dict | None = None, directory: Path | None = None) -> Path:
+    """Merge ``values`` into the ``planner`` section of the tuning file for device ``name`` (other
+    planners' sections are kept); returns the path written."""
+    path = (Path(directory) if directory is not None else config_dir()) / f"{device_slug(name)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data: dict = {}
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                data = {}
+        except ValueError:
+            data = {}
+    data.update(meta or {})
+    data["device"] = name
+    section = dict(data.get(planner) or {})
+    section.update({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+    data[planner] = section
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    clear_cache()
+    return path
