@@ -45,7 +45,7 @@ import fastpeft.ops as fops  # noqa: E402
 from fastpeft import _ext  # noqa: E402
 from fastpeft.ops import reference  # noqa: E402
 
-from common import bar_plot, interleaved_medians_us  # noqa: E402  (bench/common.py)
+from common import bar_plot, interleaved_medians_us, sweep  # noqa: E402  (bench/common.py)
 
 SHAPES = {  # name: (K, N)
     "llama7b.q_proj 4096x4096": (4096, 4096),
@@ -150,7 +150,7 @@ def main() -> int:
     )
     before = fops.get_backend()
     try:
-        for shape_name, (K, N) in shapes.items():
+        for shape_name, (K, N) in sweep(shapes.items(), "shapes"):
             for mode, (M, S, per_row) in MODES.items():
                 for dtype in dtypes:
                     inp = make_inputs(M, K, N, S, per_row, dtype)

@@ -42,7 +42,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from common import bar_plot, git_commit, print_table  # noqa: E402  (bench/common.py)
+from common import bar_plot, git_commit, print_table, sweep  # noqa: E402  (bench/common.py)
 
 RESULTS_DIR = os.path.join(HERE, "results")
 METHODS = ("base", "merged", "peft", "optimize", "fastpeft")
@@ -192,8 +192,9 @@ def stack_memory(model) -> tuple:
 
 
 def run(config: dict, device: torch.device, dtype: torch.dtype, batch: int, n_adapters: int, rank: int,
-        new_tokens: int, prompt_len: int, repeats: int, methods=METHODS, log=print, mixed_ranks: bool = False) -> list:
-    """Time every method on every scenario; returns the result rows (medians)."""
+        new_tokens: int, prompt_len: int, repeats: int, methods=METHODS, log=print, mixed_ranks: bool = False,
+        progress: bool = True) -> list:
+    """Time every method on every scenario; returns the result rows (medians). ``progress``: a bar over the scenarios."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = build_base(config, dtype, device)
@@ -210,7 +211,8 @@ def run(config: dict, device: torch.device, dtype: torch.dtype, batch: int, n_ad
     cfg_text = json.dumps(dict(config, params=n_params, dtype=str(dtype).replace("torch.", ""), rank=ranks,
                                targets="all-linear", new_tokens=new_tokens, prompt=prompt_len), separators=(",", ":"))
     rows = []
-    for b, n, names in scenarios(batch, n_adapters):
+    cases = scenarios(batch, n_adapters)
+    for b, n, names in (sweep(cases, "scenarios") if progress else cases):
         ids = torch.randint(3, config["vocab_size"], (b, prompt_len), generator=g).to(device)
         todo = [m for m in models if not (names is not None and m in ("base", "merged"))]
         times = {m: {"full": [], "one": []} for m in todo}

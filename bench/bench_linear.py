@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import DTYPES, Bench, add_common_args, copy_bandwidth  # noqa: E402
+from common import DTYPES, Bench, add_common_args, copy_bandwidth, sweep  # noqa: E402
 
 FULL = dict(
     shapes=[(4096, 4096), (4096, 14336), (14336, 4096)],
@@ -140,7 +140,7 @@ def main():
             return None
 
     torch.manual_seed(0)
-    for (K, N) in cfg["shapes"]:
+    for (K, N) in sweep(cfg["shapes"], "linear shapes"):
         shape = f"{K}x{N}"
         for dname in cfg["dtypes"]:
             dtype = DTYPES[dname]
@@ -202,7 +202,7 @@ def mixed_batch_section(bench, cfg, args, modes, timed, paths):
     S = args.multi_adapters or T
     copy_gbps = copy_bandwidth(dev, quick=bench.quick)
     print(f"\nmixed batch: {T} tokens, {S} distinct adapters; device copy bandwidth {copy_gbps:.0f} GB/s")
-    for (K, N) in cfg["shapes"]:
+    for (K, N) in sweep(cfg["shapes"], "mixed-batch shapes"):
         shape = f"{K}x{N}"
         for dname in cfg["dtypes"]:
             dtype = DTYPES[dname]
@@ -268,7 +268,7 @@ def tune_section(bench, cfg, timed):
     rows = []
 
     def sweep(knob, values, tokens, make_override):
-        for (K, N) in cfg["shapes"]:
+        for (K, N) in sweep(cfg["shapes"], f"tune {knob}"):
             for dname in cfg["dtypes"]:
                 dtype = DTYPES[dname]
                 linear = nn.Linear(K, N, bias=False, device=dev, dtype=dtype)

@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import DTYPES, Bench, add_common_args, copy_bandwidth  # noqa: E402
+from common import DTYPES, Bench, add_common_args, copy_bandwidth, sweep  # noqa: E402
 
 FULL = dict(shape=(4096, 14336), rank=16, decode=[1, 2, 4, 8, 16], prefill=[4096], dtype="fp16")
 QUICK = dict(shape=(128, 256), rank=8, decode=[1, 16], prefill=[64], dtype="fp16")
@@ -165,7 +165,7 @@ def main():
             except Exception as e:
                 print(f"no CUDA graph for {method}: {type(e).__name__}: {e}")
 
-    for fmt in [f for f in args.formats.split(",") if f]:
+    for fmt in sweep([f for f in args.formats.split(",") if f], "formats"):
         bits = 8 if fmt == "int8" else 4
         if bits == 4:
             layer = make_linear4bit(w, None, quant_type=fmt, double_quant=True, compute_dtype=dt)

@@ -85,6 +85,15 @@ def slug(text: str) -> str:
 # ---- timing -----------------------------------------------------------------------------------
 
 
+def sweep(items, desc: str):
+    """A progress bar over a benchmark sweep (huggingface_hub's tqdm: ``HF_HUB_DISABLE_PROGRESS_BARS=1``
+    hides it); the bar goes away when the sweep ends, so the tables stay readable."""
+    from huggingface_hub.utils import tqdm
+
+    items = list(items)
+    return tqdm(items, desc=desc, total=len(items), leave=False)
+
+
 def time_cpu(fn: Callable[[], object], warmup: int = 2, rep: int = 10) -> float:
     """Median time of ``fn()`` in microseconds on the CPU, by ``torch.utils.benchmark.Timer``'s
     blocked autorange (blocks of calls until ``rep`` x 10 ms have been measured, at least one
@@ -350,14 +359,16 @@ def bar_plot(path: str, title: str, groups: list[str], series: dict, ylabel: str
     """Grouped bars: ``groups`` along x, ``series`` name -> one value (or None: no bar) per group.
     Writes a PNG at ``path`` (and an SVG beside it with ``svg``); returns the path."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.3 * len(groups)), 4.0))
     width = 0.8 / max(len(series), 1)
     for k, (name, vals) in enumerate(series.items()):
         xs = [i + k * width for i, v in enumerate(vals) if v is not None]
-        bars = ax.bar(xs, [v for v in vals if v is not None], width, label=name)
-        ax.bar_label(bars, fmt="%.0f", fontsize=6, padding=1)
+        shown = [v for v in vals if v is not None]
+        bars = ax.bar(xs, shown, width, label=name)
+        ax.bar_label(bars, labels=[f"{v:.0f}" if abs(v) >= 10 else f"{v:.3g}" for v in shown], fontsize=6, padding=1)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    ax.set_xticklabels(groups, fontsize=8)
+    long = max((len(g) for g in groups), default=0) > 18
+    ax.set_xticklabels(groups, fontsize=8, rotation=20 if long else 0, ha="right" if long else "center")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncols=min(5, len(series)))

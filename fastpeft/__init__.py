@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from . import ops  # noqa: F401  (defines torch.ops.fastpeft.* and loads the backends)
 from ._version import __version__ as __version__  # one source, read by pyproject.toml too
-from .api import inject_adapter_in_model
+from .api import inject_adapter_in_model, load_adapters
 from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PeftType, TaskType
 from .mixin import AdapterMixin, mixed_batch, with_adapters
 from .ops import BackendUnavailableError, available_backends, get_backend, set_backend
@@ -33,6 +33,7 @@ __all__ = [
     "get_backend",
     "get_peft_model",
     "inject_adapter_in_model",
+    "load_adapters",
     "mixed_batch",
     "optimize",
     "quantize",

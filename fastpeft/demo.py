@@ -15,8 +15,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -47,6 +49,30 @@ def _bench_module():
     except Exception as e:  # a broken bench must not break the demo
         print(f"(bench/bench_generate.py not usable: {type(e).__name__}: {e}; built-in timing)")
         return None
+
+
+@contextlib.contextmanager
+def _library_notices_hidden():
+    """Two notices the libraries print while the demo runs, which read like fastpeft failures:
+
+    * bitsandbytes, imported by peft, logs "Failed to load CPU gemm_4bit_forward from
+      kernels-community ..." once, at import, on CPUs with AVX512-BF16 when its optional
+      ``kernels`` package is missing (installing it does not help here: it downloads kernels
+      from the Hub at run time);
+    * transformers' FutureWarning about ``is_gradient_checkpointing``, raised inside peft.
+
+    Only these two, only for the duration of the block: that logger's level is restored and the
+    warning filter is scoped, so a user's own warnings and logging are untouched.
+    """
+    bnb_log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        bnb_log.setLevel(level)
 
 
 def build_model(config: dict, seed: int = 0):
@@ -137,9 +163,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="fastpeft demo: PEFT adapter -> fastpeft, checked and timed")
     p.add_argument("--quick", action="store_true", help="smaller model, fewer repetitions")
     p.add_argument("--no-timing", action="store_true", help="only the correctness checks")
+    p.add_argument("--out-dir", default="demo-output", help="where the timing CSV and PNG go (default: ./demo-output)")
     args = p.parse_args(argv)
     t_start = time.time()
-    warnings.filterwarnings("ignore")
     import fastpeft
 
     bench = _bench_module()
@@ -150,7 +176,7 @@ def main(argv=None) -> int:
     print(f"model: Llama-shaped {config} (random weights), fp32 on the CPU")
 
     print("\n[1/2] correctness against PEFT's unfused computation")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _library_notices_hidden():
         diff = check_parity(config, tmp)
     ok = diff <= TOLERANCE
     print(f"  => {'OK' if ok else 'FAILED'}: max |diff| {diff:.2e} {'<=' if ok else '>'} tolerance {TOLERANCE:.0e}")
@@ -163,10 +189,19 @@ def main(argv=None) -> int:
           "vs_peft = time ratio to PEFT)")
     if bench is not None:
         device = torch.device("cpu")
-        rows = bench.run(config, device, torch.float32, batch=16, n_adapters=16, rank=16,
-                         new_tokens=8 if args.quick else 16, prompt_len=16, repeats=2 if args.quick else 5,
-                         methods=("base", "merged", "peft", "optimize", "fastpeft"), log=lambda *_: None)
+        with _library_notices_hidden():
+            rows = bench.run(config, device, torch.float32, batch=16, n_adapters=16, rank=16,
+                             new_tokens=8 if args.quick else 16, prompt_len=16, repeats=2 if args.quick else 5,
+                             methods=("base", "merged", "peft", "optimize", "fastpeft"), log=lambda *_: None,
+                             progress=False)
         bench.print_table(rows, ["method", "batch", "adapters", "tokens_per_s", "decode_ms", "vs_base", "vs_peft"])
+        os.makedirs(args.out_dir, exist_ok=True)
+        stem = os.path.join(args.out_dir, "decode-cpu" + ("-quick" if args.quick else ""))
+        if os.path.exists(stem + ".csv"):
+            os.remove(stem + ".csv")  # this run's rows only
+        bench.write_rows(rows, stem + ".csv")
+        png = bench.plot(rows, stem + ".png")
+        print(f"  rows -> {stem}.csv, plot -> {png}")
         print("  (optimize = a peft.PeftModel after fastpeft.optimize; fastpeft = fastpeft.PeftModel; the 16-row "
               "batch uses adapter_names= with 16 distinct adapters; full runs: bench/bench_generate.py)")
     else:

@@ -42,6 +42,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ._progress import progress
 from .nn import AdaLoraLinear as _AdaLoraLinear
 from .nn import IA3Linear as _IA3Linear
 from .nn import LoraEmbedding as _LoraEmbedding
@@ -452,7 +453,7 @@ def prepare(model: nn.Module) -> nn.Module:
     return model
 
 
-def optimize(model: nn.Module, *, strict: bool = False, pack: bool = True) -> nn.Module:
+def optimize(model: nn.Module, *, strict: bool = False, pack: bool = True, progressbar: bool | None = None) -> nn.Module:
     """Replace PEFT's adapter layers of ``model`` by fastpeft's fused layers, in place.
 
     ``model``: a ``peft.PeftModel``, a Transformers model with PEFT adapters (``load_adapter``),
@@ -460,7 +461,8 @@ def optimize(model: nn.Module, *, strict: bool = False, pack: bool = True) -> nn
 
     ``strict``: raise instead of warning when a PEFT layer cannot be replaced (it is then left
     as it is and keeps working through PEFT). ``pack``: build the fused stacks now
-    (:func:`prepare`) rather than on the first forward.
+    (:func:`prepare`) rather than on the first forward. ``progressbar``: a bar over the layers
+    (None: only for more than 64 of them; ``HF_HUB_DISABLE_PROGRESS_BARS=1`` hides it).
 
     Raises ``ValueError`` (before changing anything) for merged layers.
     """
@@ -501,7 +503,7 @@ def optimize(model: nn.Module, *, strict: bool = False, pack: bool = True) -> nn
         if strict:
             raise ValueError(f"fastpeft.optimize(strict=True): {len(skipped)} PEFT layer(s) cannot be replaced: {msg}")
         warnings.warn(f"fastpeft.optimize: {len(skipped)} PEFT layer(s) left as they are (they still work): {msg}", stacklevel=2)
-    mapping = {id(m): _convert(kind, m) for _, kind, m in plan}
+    mapping = {id(m): _convert(kind, m) for _, kind, m in progress(plan, "Optimizing PEFT layers", enabled=progressbar)}
     _replace_everywhere(model, mapping)
     if pack:
         prepare(model)

@@ -56,10 +56,11 @@ class AdapterModel(nn.Module):
         tuner.unmerge(self.model)
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
-        return tuner.unload(self.model, merge_first=True, adapter_names=adapter_names, safe_merge=safe_merge)
+        return tuner.unload(self.model, merge_first=True, adapter_names=adapter_names, safe_merge=safe_merge,
+                            progressbar=progressbar)
 
-    def unload(self) -> nn.Module:
-        return tuner.unload(self.model, merge_first=False)
+    def unload(self, progressbar: bool = False) -> nn.Module:
+        return tuner.unload(self.model, merge_first=False, progressbar=progressbar)
 
     def __getattr__(self, name):
         try:
@@ -172,8 +173,8 @@ class PeftModel(nn.Module):
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None) -> nn.Module:
         return self.base_model.merge_and_unload(progressbar, safe_merge, adapter_names)
 
-    def unload(self) -> nn.Module:
-        return self.base_model.unload()
+    def unload(self, progressbar: bool = False) -> nn.Module:
+        return self.base_model.unload(progressbar)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model

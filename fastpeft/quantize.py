@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ._progress import progress
+
 __all__ = ["quantize"]
 
 _BITS = (4, 8)
@@ -128,6 +130,7 @@ def quantize(
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
     skip_modules: str | Iterable[str] | None = None,
+    progressbar: bool | None = None,
 ) -> nn.Module:
     """Replace ``model``'s ``nn.Linear`` layers in place by bitsandbytes-format quantized layers.
 
@@ -144,7 +147,8 @@ def quantize(
     unchanged), and adapter-internal projections. Arguments are all checked before anything
     changes: a bad value raises ``ValueError`` naming it and the allowed values, leaving the
     model untouched. Sets ``model.is_loaded_in_4bit`` / ``is_loaded_in_8bit`` as Transformers does
-    (PEFT reads them). Returns ``model``.
+    (PEFT reads them). ``progressbar``: a bar over the layers (None: only for more than 64 of
+    them; ``HF_HUB_DISABLE_PROGRESS_BARS=1`` hides it). Returns ``model``.
     """
     skip = _validate(model, bits, quant_type, double_quant, compute_dtype, skip_modules)
     targets = _targets(model, skip)
@@ -162,7 +166,7 @@ def quantize(
 
     new_layers = []
     with torch.no_grad():
-        for _name, parent, child, module in targets:
+        for _name, parent, child, module in progress(targets, f"Quantizing to {bits}-bit", enabled=progressbar):
             if bits == 4:
                 layer = make_linear4bit(
                     module.weight.data, module.bias, quant_type=quant_type, double_quant=double_quant,

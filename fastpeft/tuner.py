@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, targeting
+from ._progress import progress
 from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig
 from .nn import AdaLoraLinear, AdapterLayer, IA3Linear, LoraEmbedding, LoraLinear, ModulesToSaveWrapper
 from .nn._base_kinds import base_kind
@@ -395,13 +396,15 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def unload(model: nn.Module, merge_first: bool, adapter_names=None, safe_merge: bool = False) -> nn.Module:
-    """Replace every adapter layer by its base (merged first if asked); returns ``model``."""
+def unload(model: nn.Module, merge_first: bool, adapter_names=None, safe_merge: bool = False,
+           progressbar: bool = False) -> nn.Module:
+    """Replace every adapter layer by its base (merged first if asked); returns ``model``.
+    ``progressbar``: a bar over the layers, as PEFT's ``merge_and_unload(progressbar=True)``."""
     if merge_first:
         merge(model, adapter_names, safe_merge)
-    for path, module in list(model.named_modules()):
-        if not isinstance(module, AdapterLayer):
-            continue
+    layers = [(path, module) for path, module in model.named_modules() if isinstance(module, AdapterLayer)]
+    desc = "Unloading " + ("and merging " if merge_first else "") + "model"
+    for path, module in progress(layers, desc, enabled=progressbar):
         parent, child = _parent(model, path)
         if isinstance(module, ModulesToSaveWrapper):
             act = [a for a in module.active_adapters if a in module.modules_to_save]
