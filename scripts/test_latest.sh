@@ -26,7 +26,7 @@ pip_install() { "$VENV/bin/python" -m pip install -q --upgrade --upgrade-strateg
 pip_install pip setuptools wheel
 pip_install torch
 cd "$SRC"
-FASTPEFT_REQUIRE_EXT=1 pip_install --no-build-isolation -e ".[test]"
+FASTPEFT_REQUIRE_EXT=1 pip_install --no-build-isolation -e ".[test,bench]"
 echo "newest releases:"
 "$VENV/bin/python" -m pip list 2>/dev/null | grep -iE '^(torch|triton|transformers|peft|bitsandbytes|accelerate|huggingface.hub|safetensors|pytest|ruff) '
 "$VENV/bin/python" -c "from fastpeft import _ext; from fastpeft.ops import fastpath; assert _ext.available() and fastpath.module, (_ext.error, fastpath.error)"

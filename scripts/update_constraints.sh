@@ -23,7 +23,7 @@ trap 'rm -f "$TMP"' EXIT
   echo "# Regenerate: bash scripts/test_latest.sh && bash scripts/update_constraints.sh ($(date -u +%F), from $VENV)."
   echo "# Build tools, installed first (the extension compiles without build isolation):"
   "$VENV/bin/python" -m pip freeze --all --exclude-editable 2>/dev/null | grep -E '^(pip|setuptools|wheel)==' | sort -f
-  echo "# Everything else ('pip install -e .[test]' with its dependencies):"
+  echo "# Everything else ('pip install -e .[test,bench]' with its dependencies):"
   "$VENV/bin/python" -m pip freeze --exclude-editable 2>/dev/null \
     | grep -vE '^(pip|setuptools|wheel|fastpeft)==' | { grep -v '^#' || true; } | sed -E 's/^(torch==[^+]*)\+.*/\1/' | sort -f
 } > "$TMP"
