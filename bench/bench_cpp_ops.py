@@ -25,7 +25,6 @@ Writes bench/results/cpp_ops_<date>.csv (device, date, commit) and prints a tabl
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import math
 import platform
@@ -45,7 +44,7 @@ import fastpeft.ops as fops  # noqa: E402
 from fastpeft import _ext  # noqa: E402
 from fastpeft.ops import reference  # noqa: E402
 
-from common import bar_plot, interleaved_medians_us, sweep  # noqa: E402  (bench/common.py)
+from common import bar_plot, interleaved_medians_us, sweep, write_csv  # noqa: E402  (bench/common.py)
 
 SHAPES = {  # name: (K, N)
     "llama7b.q_proj 4096x4096": (4096, 4096),
@@ -215,11 +214,7 @@ def main() -> int:
 
     default = f"cpp_ops_{dt.date.today().isoformat()}_{torch.get_num_threads()}t.csv"
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / default
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        wr = csv.DictWriter(f, fieldnames=list(rows[0]))
-        wr.writeheader()
-        wr.writerows(rows)
+    write_csv(rows, str(out))
     print(f"\n{meta['device']}, torch {meta['torch']}, commit {meta['commit']}; wrote {out}")
     if not args.no_plot:
         groups = [f"{r['shape']} {r['mode']} {r['dtype']}" for r in rows]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime as _dt
 import json
 import os
@@ -42,7 +41,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from common import bar_plot, git_commit, print_table, sweep  # noqa: E402  (bench/common.py)
+from common import bar_plot, git_commit, print_table, sweep, write_csv  # noqa: E402  (bench/common.py)
 
 RESULTS_DIR = os.path.join(HERE, "results")
 METHODS = ("base", "merged", "peft", "optimize", "fastpeft")
@@ -253,16 +252,8 @@ def run(config: dict, device: torch.device, dtype: torch.dtype, batch: int, n_ad
 
 
 def write_rows(rows: list, path: str) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    cols = ["device", "date", "commit", "config", "method", "batch", "adapters", "mixed", "new_tokens",
-            "tokens_per_s", "decode_ms", "decode_tokens_per_s", "full_ms", "vs_base", "vs_peft", "vs_base_e2e",
-            "vs_peft_e2e"]
-    exists = os.path.exists(path) and os.path.getsize(path) > 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        if not exists:
-            w.writeheader()
-        w.writerows(rows)
+    """Append ``rows`` to the CSV at ``path`` through bench/common.py (its leading columns, then these)."""
+    write_csv(rows, path)
     return path
 
 

@@ -185,12 +185,14 @@ def main():
                     print(f"  {shape} {dname} r={rank} tokens={tokens} done")
                 del layer
 
-    if not args.no_multi:
-        mixed_batch_section(bench, cfg, args, modes, timed, paths)
-    if args.tune:
-        tune_section(bench, cfg, timed)
-    bench.finish(ratio_to="base", plot_x="tokens", plot_title=f"adapted linear / base, {bench.device_name}",
-                 plot_where=lambda r: not r.get("batch"))
+    try:
+        if not args.no_multi:
+            mixed_batch_section(bench, cfg, args, modes, timed, paths)
+        if args.tune:
+            tune_section(bench, cfg, timed)
+    finally:  # the rows measured so far are written even when a later section fails
+        bench.finish(ratio_to="base", plot_x="tokens", plot_title=f"adapted linear / base, {bench.device_name}",
+                     plot_where=lambda r: not r.get("batch") and not r["method"].startswith("tune["))
 
 
 def mixed_batch_section(bench, cfg, args, modes, timed, paths):
@@ -267,7 +269,7 @@ def tune_section(bench, cfg, timed):
     tokens_list = TUNE_TOKENS if not bench.quick else [1, 16, 40]
     rows = []
 
-    def sweep(knob, values, tokens, make_override):
+    def time_knob(knob, values, tokens, make_override):
         for (K, N) in sweep(cfg["shapes"], f"tune {knob}"):
             for dname in cfg["dtypes"]:
                 dtype = DTYPES[dname]
@@ -289,11 +291,11 @@ def tune_section(bench, cfg, timed):
     def path_override(v):
         return LL.override(path=v)
 
-    sweep("path", ["decode", "fused", "given", "split"], tokens_list, path_override)
-    sweep("split_k", TUNE_SPLIT_K, [1], lambda v: LL.override(split_k=v))
-    sweep("decode_tile", TUNE_DECODE_TILES, [1], lambda v: LL.override(tile=v))
-    sweep("fused_tile_32", TUNE_FUSED_TILES_32, [32], lambda v: LL.override(path="fused", tile=v))
-    sweep("fused_tile_64", TUNE_FUSED_TILES_64, [128], lambda v: LL.override(path="fused", tile=v))
+    time_knob("path", ["decode", "fused", "given", "split"], tokens_list, path_override)
+    time_knob("split_k", TUNE_SPLIT_K, [1], lambda v: LL.override(split_k=v))
+    time_knob("decode_tile", TUNE_DECODE_TILES, [1], lambda v: LL.override(tile=v))
+    time_knob("fused_tile_32", TUNE_FUSED_TILES_32, [32], lambda v: LL.override(path="fused", tile=v))
+    time_knob("fused_tile_64", TUNE_FUSED_TILES_64, [128], lambda v: LL.override(path="fused", tile=v))
 
     # the fused family (best of decode/fused/given per case) against the split path
     fam = [dict(r, value="fused_family") for r in rows if r["knob"] == "path" and r["value"] != "split" and r["median_us"]]

@@ -211,9 +211,12 @@ def main():
                             QL.FORCE_PATH = None
 
                     time_and_add(forced, fmt=fmt, tokens=T, method=f"fastpeft[{p}]", wbytes=qbytes, graph=False)
-    if args.tune:
-        tune_section(bench, w, R, dt, cfg["dtype"], make_linear4bit, QL, quantized_adapter_linear, stacked, peft_layer)
-    bench.finish(ratio_to="base", plot_x="tokens", plot_where=lambda r: r.get("mode") == "eager")
+    try:
+        if args.tune:
+            tune_section(bench, w, R, dt, cfg["dtype"], make_linear4bit, QL, quantized_adapter_linear, stacked, peft_layer)
+    finally:  # the rows measured so far are written even when the tuning sweep fails
+        bench.finish(ratio_to="base", plot_x="tokens", panel_keys=("shape", "fmt", "dtype"),
+                     plot_where=lambda r: r.get("mode") == "eager" and not r["method"].startswith("tune["))
     if not torch.cuda.is_available():
         print("\nCPU run: Triton ran in the interpreter; these fastpeft timings are not performance numbers.")
 
@@ -235,8 +238,8 @@ def tune_section(bench, w, R, dt, dname, make_linear4bit, QL, quantized_adapter_
     a, b, sc, slots = stacked(peft_layer(layer, 4, R).to(dev), dt, dev)
     rows = []
 
-    def sweep(knob, attr, values, tokens):
-        for t in tokens:
+    def time_knob(knob, attr, values, tokens):
+        for t in sweep(tokens, f"tune {knob}"):
             x = torch.randn(t, K, device=dev, dtype=dt)
             for v in values:
                 old = getattr(QL, attr)
@@ -254,14 +257,15 @@ def tune_section(bench, w, R, dt, dname, make_linear4bit, QL, quantized_adapter_
                     bench.add(shape=f"{K}x{N}", tokens=t, rank=R, dtype=dname, method=f"tune[{knob}={v}]", fmt="nf4",
                               median_us=us, mode="eager")
 
-    sweep("path", "FORCE_PATH", ["fused", "dequant"], TUNE_TOKENS if not bench.quick else [1, 16, 64])
-    sweep("split_k", "FORCE_SPLIT_K", TUNE_SPLIT_K, [1])
-    sweep("decode_tile", "FORCE_TILE", TUNE_DECODE_TILES, [1])
+    time_knob("path", "FORCE_PATH", ["fused", "dequant"], TUNE_TOKENS if not bench.quick else [1, 16, 64])
+    time_knob("split_k", "FORCE_SPLIT_K", TUNE_SPLIT_K, [1])
+    time_knob("decode_tile", "FORCE_TILE", TUNE_DECODE_TILES, [1])
     fused_up_to = tuning_sweep.threshold_rows(rows, "path", "fused", "dequant")
-    swept = sorted({r["case"][-1] for r in rows if r["knob"] == "path"})
-    above = [t for t in swept if fused_up_to is not None and t > fused_up_to]
+    swept = sorted({r["case"][-1] for r in rows if r["knob"] == "path" and r["median_us"]})
+    above = [t for t in swept if fused_up_to is None or t > fused_up_to]
     winners = {
         # dequantize + cuBLAS from the first swept count where the fused kernel stops winning
+        # (the smallest count when it never wins; no key when it wins everywhere: built-in rule)
         "PREFILL_MIN_ROWS": above[0] if above else None,
         "MAX_SPLIT_K": tuning_sweep.best_setting(rows, "split_k"),
         "DECODE_TILE": tuning_sweep.best_setting(rows, "decode_tile"),

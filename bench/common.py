@@ -13,7 +13,9 @@ columns, so results from different scripts and machines can be put side by side:
     bench.finish(ratio_to="base", plot_x="tokens")  # ratios, CSV, printed table, plot
 
 Timing: on a GPU ``triton.testing.do_bench`` (median, L2 flushed before every call, so
-memory-bound kernels are not flattered by a warm cache); on a CPU ``time.perf_counter`` medians.
+memory-bound kernels are not flattered by a warm cache); on a CPU ``torch.utils.benchmark.Timer``
+(blocked autorange, the median per-call time). Plots are PNGs drawn by matplotlib (the
+``bench`` extra); sweeps show a progress bar that prints around the scripts' own lines.
 Rows go to ``bench/results/<name>-<device>-<date>.csv`` (appending, header once) with the
 columns ``device, date, commit, shape, tokens, rank, dtype, method, median_us, ratio`` first,
 then ``mode`` and any extra keys a script adds.
@@ -47,8 +49,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="CSV path (default: bench/results/<name>-<device>-<date>.csv)")
     parser.add_argument("--no-plot", action="store_true", help="skip the plot")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
-    parser.add_argument("--rep", type=int, default=None, help="GPU: ms of repetitions per timing (do_bench rep); CPU: calls")
-    parser.add_argument("--warmup", type=int, default=None, help="GPU: ms of warm-up (do_bench warmup); CPU: calls")
+    parser.add_argument("--rep", type=int, default=None,
+                        help="GPU: ms of repetitions per timing (do_bench rep); CPU: units of 10 ms of blocked autorange")
+    parser.add_argument("--warmup", type=int, default=None, help="GPU: ms of warm-up (do_bench warmup); CPU: untimed calls")
     return parser
 
 
@@ -85,13 +88,34 @@ def slug(text: str) -> str:
 # ---- timing -----------------------------------------------------------------------------------
 
 
+class _AroundBars:
+    """A stdout whose writes go through ``tqdm.write``: printed lines appear above the progress
+    bars (which live on stderr) instead of through them."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=self.real, end="")
+        return len(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+
 def sweep(items, desc: str):
-    """A progress bar over a benchmark sweep (huggingface_hub's tqdm: ``HF_HUB_DISABLE_PROGRESS_BARS=1``
-    hides it); the bar goes away when the sweep ends, so the tables stay readable."""
+    """Iterate ``items`` under a progress bar (huggingface_hub's tqdm: ``HF_HUB_DISABLE_PROGRESS_BARS=1``
+    hides it); what the loop prints meanwhile goes above the bar, and the bar goes away at the end."""
+    import contextlib
+    import sys
+
     from huggingface_hub.utils import tqdm
 
     items = list(items)
-    return tqdm(items, desc=desc, total=len(items), leave=False)
+    with contextlib.redirect_stdout(_AroundBars(sys.stdout)):
+        yield from tqdm(items, desc=desc, total=len(items), leave=False)
 
 
 def time_cpu(fn: Callable[[], object], warmup: int = 2, rep: int = 10) -> float:
@@ -214,7 +238,8 @@ class Bench:
         return row
 
     def finish(self, ratio_to: str | None = "base", plot_x: str = "tokens", table_columns: list | None = None,
-               plot_title: str | None = None, plot_where: Callable[[dict], bool] | None = None) -> None:
+               plot_title: str | None = None, plot_where: Callable[[dict], bool] | None = None,
+               panel_keys=("shape", "rank", "dtype")) -> None:
         """Ratios to ``ratio_to`` (per GROUP_KEYS group), CSV, table, plot of the rows ``plot_where`` keeps."""
         if ratio_to:
             add_ratios(self.rows, ratio_to)
@@ -223,12 +248,13 @@ class Bench:
         print(f"\n{len(self.rows)} rows -> {self.csv_path}")
         if not getattr(self.args, "no_plot", False):
             rows = [r for r in self.rows if plot_where is None or plot_where(r)]
-            plot_ratios(rows, self.plot_path, x=plot_x, title=plot_title or f"{self.name} on {self.device_name}")
+            plot_ratios(rows, self.plot_path, x=plot_x, panel_keys=panel_keys,
+                        title=plot_title or f"{self.name} on {self.device_name}")
 
 
 # rows compared with each other: same layer shape, tokens, rank, dtype, eager/graph, and batch
 # kind (an extra key a script may set, e.g. "mixed64" for one adapter per token)
-GROUP_KEYS = ("shape", "tokens", "rank", "dtype", "mode", "batch")
+GROUP_KEYS = ("shape", "tokens", "rank", "dtype", "mode", "batch", "fmt")
 
 
 def add_ratios(rows: list[dict], baseline: str, keys: Iterable[str] = GROUP_KEYS) -> None:
@@ -313,9 +339,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str, svg: bool) -> str:
+def _save(fig, path: str, svg: bool, rect=(0, 0, 1, 1)) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=120)
     if svg:
         fig.savefig(os.path.splitext(path)[0] + ".svg")
@@ -335,11 +361,13 @@ def plot_ratios(rows: list[dict], path: str, x: str = "tokens", panel_keys=("sha
     cols = min(4, len(panels))
     nrows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    methods = sorted({r["method"] for r in sel})
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}  # one colour per method everywhere
     for ax, panel in zip(axes.flat, panels, strict=False):
         prow = [r for r in sel if tuple(r.get(k) for k in panel_keys) == panel]
         for method in sorted({r["method"] for r in prow}):
             pts = sorted((float(r[x]), float(r["ratio"])) for r in prow if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=colors[method])
         ax.set_xscale("log", base=2)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_title(" ".join(f"{k}={v}" for k, v in zip(panel_keys, panel, strict=True)), fontsize=8)
@@ -347,9 +375,10 @@ def plot_ratios(rows: list[dict], path: str, x: str = "tokens", panel_keys=("sha
         ax.set_ylabel("time / base")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
+    handles = [plt.Line2D([], [], color=colors[m], marker="o", label=m) for m in methods]
+    fig.legend(handles=handles, fontsize=7, loc="lower center", ncols=min(6, len(methods)), bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(title, fontsize=10)
-    _save(fig, path, svg)
+    _save(fig, path, svg, rect=(0, 0.06 * ((len(methods) + 5) // 6) / nrows, 1, 1))
     plt.close(fig)
     print(f"plot -> {path}")
     return path

@@ -19,17 +19,22 @@ from collections import defaultdict
 
 
 def best_setting(rows: list[dict], knob: str):
-    """The ``value`` of ``knob`` with the lowest geometric-mean ``median_us`` over the cases
-    that every value was timed on (None when nothing was timed)."""
+    """The ``value`` of ``knob`` with the lowest geometric-mean ``median_us`` over the cases.
+
+    A value that failed (no time) on a case some other value ran is no candidate: it would be
+    written to the tuning file and then fail on that case. None when no value ran everywhere."""
     times: dict = defaultdict(dict)
+    cases = set()
     for r in rows:
-        if r["knob"] == knob and r.get("median_us"):
-            times[_key(r["value"])][r["case"]] = r["median_us"]
-    if not times:
+        if r["knob"] == knob:
+            cases.add(r["case"])
+            if r.get("median_us"):
+                times[_key(r["value"])][r["case"]] = r["median_us"]
+    ran = {c for t in times.values() for c in t}
+    times = {v: t for v, t in times.items() if set(t) == ran}
+    if not times or not ran:
         return None
-    common = set.intersection(*(set(t) for t in times.values()))
-    if not common:
-        return None
+    common = ran
 
     def gmean(t):
         return math.exp(sum(math.log(t[c]) for c in common) / len(common))

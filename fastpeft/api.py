@@ -45,13 +45,17 @@ def load_adapters(model: nn.Module, adapters: str | Mapping[str, str] | Iterable
     adapters (``default`` at the top, the others in subfolders named after them).
     ``progressbar``: a bar over the adapters (None: only for more than 64;
     ``HF_HUB_DISABLE_PROGRESS_BARS=1`` hides it). Names already on the model raise before
-    anything is loaded.
+    anything is loaded; when one load fails, the adapters this call loaded are deleted again
+    and the error is raised.
     """
     load = getattr(model, "load_adapter", None)
     if not callable(load):
         raise TypeError(f"load_adapters: {type(model).__name__} has no load_adapter; use fastpeft.PeftModel or "
                         f"fastpeft.with_adapters(model)")
     if isinstance(adapters, (str, os.PathLike)):
+        if not os.path.isdir(adapters):
+            raise ValueError(f"load_adapters: {os.fspath(adapters)!r} is not a local folder; for Hub repos pass a "
+                             f"list of ids or a mapping name -> id")
         todo = _adapters_in_folder(os.fspath(adapters))
     elif isinstance(adapters, Mapping):
         todo = dict(adapters)
@@ -66,6 +70,13 @@ def load_adapters(model: nn.Module, adapters: str | Mapping[str, str] | Iterable
     clash = sorted(existing & set(todo))
     if clash:
         raise ValueError(f"load_adapters: adapter name(s) {clash} already exist on the model; delete them first")
-    for name, source in progress(list(todo.items()), "Loading adapters", enabled=progressbar):
-        load(source, adapter_name=name, **kwargs)
+    loaded = []
+    try:
+        for name, source in progress(list(todo.items()), "Loading adapters", enabled=progressbar):
+            load(source, adapter_name=name, **kwargs)
+            loaded.append(name)
+    except BaseException:  # all or nothing: the adapters loaded by this call go again
+        for name in reversed(loaded):
+            model.delete_adapter(name)
+        raise
     return list(todo)

@@ -9,8 +9,8 @@ import torch
 from fastpeft import ops
 from fastpeft.kernels import tuning
 
-pytestmark = pytest.mark.skipif("triton" not in ops.available_backends(),
-                                reason=f"triton: {ops.available_backends(verbose=True).get('triton')}")
+needs_triton = pytest.mark.skipif("triton" not in ops.available_backends(),
+                                  reason=f"triton: {ops.available_backends(verbose=True).get('triton')}")
 
 CPU = torch.device("cpu")
 
@@ -34,6 +34,7 @@ def _plan(M, R=16, N=4096, K=4096):
     return LL._make_plan(CPU, M, N, K, h, h, torch.float32, R, 1, True, 1, True, False, False, False, "highest")
 
 
+@needs_triton
 def test_no_file_means_the_built_in_rules(tuning_dir):
     from fastpeft.kernels import lora_linear as LL
     from fastpeft.kernels import quant_linear as QL
@@ -44,6 +45,7 @@ def test_no_file_means_the_built_in_rules(tuning_dir):
     assert QL.plan_path(QL.PREFILL_MIN_ROWS - 1, 16, CPU) == "fused"
 
 
+@needs_triton
 def test_dense_planner_reads_the_file_of_its_device(tuning_dir):
     from fastpeft.kernels import lora_linear as LL
     from fastpeft.kernels import quant_linear as QL
@@ -62,6 +64,7 @@ def test_dense_planner_reads_the_file_of_its_device(tuning_dir):
     assert QL.plan_path(8, 16) == "fused"  # no device: the module's constants
 
 
+@needs_triton
 def test_a_device_reads_only_its_own_file(tuning_dir):
     tuning.write("NVIDIA H200", "lora_linear", {"FUSED_MAX_ROWS": 32})
     assert (tuning_dir / "nvidia-h200.json").exists()
@@ -76,7 +79,14 @@ def test_a_device_reads_only_its_own_file(tuning_dir):
     ('{"lora_linear": {"FUSED_MAX_ROWS": "8"}}', "FUSED_MAX_ROWS = '8' is not a valid value"),
     ('{"lora_linear": {"FUSED_MAX_ROWS": -8}}', "is not a valid value"),
     ('{"lora_linear": {"DECODE_TILE": [16, 64]}}', "DECODE_TILE = \\[16, 64\\] is not a valid value"),
+    ('{"lora_linear": {"FUSED_MAX_ROWS": 32.0}}', "FUSED_MAX_ROWS = 32.0 is not a valid value"),
+    ('{"lora_linear": {"FUSED_MAX_ROWS": true}}', "FUSED_MAX_ROWS = True is not a valid value"),
+    ('{"lora_linear": {"MAX_AREREAD_FRACTION": "x"}}', "MAX_AREREAD_FRACTION = 'x' is not a valid value"),
+    ('{"lora_linear": {"DECODE_TILE": [16, 100, 64, 4, 3]}}', "DECODE_TILE .* is not a valid value"),  # BN not 2^k
+    ('{"lora_linear": {"DECODE_TILE": [8, 128, 64, 4, 3]}}', "DECODE_TILE .* is not a valid value"),  # BM < 16
+    ('{"lora_linear": {"DECODE_TILE": [16, 128, 64, 3, 3]}}', "DECODE_TILE .* is not a valid value"),  # 3 warps
 ])
+@needs_triton
 def test_malformed_file_falls_back_with_a_warning(tuning_dir, content, match):
     from fastpeft.kernels import lora_linear as LL
 
@@ -87,17 +97,23 @@ def test_malformed_file_falls_back_with_a_warning(tuning_dir, content, match):
     assert _plan(1).meta["BN"] == LL.DECODE_TILE[1]
 
 
+@needs_triton
 def test_good_keys_apply_beside_a_bad_one(tuning_dir):
     (tuning_dir / "cpu.json").write_text('{"lora_linear": {"FUSED_MAX_ROWS": 32, "BOGUS": 1}}')
     with pytest.warns(UserWarning, match="BOGUS"):
         assert _plan(33).path == "split"
 
 
+@needs_triton
 def test_fused_kernel_with_tuned_tiles_matches_the_reference(tuning_dir):
     """The tuned values change only the schedule, never the result."""
+    from fastpeft.kernels import lora_linear as LL
     from fastpeft.ops import reference
 
     tuning.write("cpu", "lora_linear", {"DECODE_TILE": (16, 32, 32, 4, 2), "MAX_SPLIT_K": 2, "MIN_K_PER_SPLIT": 32})
+    p = LL._make_plan(CPU, 3, 45, 77, torch.float32, torch.float32, torch.float32, 4, 1, False, 2, False, False,
+                      False, False, "highest")
+    assert (p.meta["BN"], p.meta["BK"], p.meta["num_stages"]) == (32, 32, 2)  # the file's tile is the one run
     g = torch.Generator().manual_seed(0)
     M, K, N, S, R = 3, 77, 45, 2, 4
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / K**0.5
@@ -129,6 +145,9 @@ def test_sweep_rules_pick_the_winners():
     assert ts.best_setting(rows, "split_k") == 4  # gmean 5.9 vs 7.3 vs 10
     tiles = [row("tile", [16, 64, 64, 4, 3], "a", 1, 3.0), row("tile", [16, 128, 64, 4, 3], "a", 1, 2.0)]
     assert ts.best_setting(tiles, "tile") == [16, 128, 64, 4, 3]
+    # a tile that failed on case b is no candidate, however fast it was on a
+    tiles += [row("tile", [16, 64, 64, 4, 3], "b", 1, 3.0), row("tile", [16, 128, 64, 4, 3], "b", 1, None)]
+    assert ts.best_setting(tiles, "tile") == [16, 64, 64, 4, 3]
     assert ts.best_setting(rows, "nothing") is None
 
     path = []
@@ -138,3 +157,29 @@ def test_sweep_rules_pick_the_winners():
     # fused wins up to 64 tokens; at 256 it loses, so the win at 1024 does not count
     assert ts.threshold_rows(path, "path", "fused", "split") == 64
     assert ts.threshold_rows(path, "path", "split", "fused") is None
+
+
+@needs_triton
+def test_cached_plans_follow_a_new_file(tuning_dir):
+    """Plans cached by adapter_linear are made afresh after a tuning file is written."""
+    from fastpeft.kernels import lora_linear as LL
+
+    x, w = torch.randn(40, 64), torch.randn(48, 64)
+    a, bt = torch.randn(1, 4, 64), torch.randn(1, 4, 48)
+    sc, ts = torch.ones(1), torch.zeros(1, 1, dtype=torch.int32)
+    LL.adapter_linear(x, w, None, a, bt, sc, ts, None, None, None)
+    assert {p.path for p in LL._plans.values()} == {"fused"}
+    tuning.write("cpu", "lora_linear", {"FUSED_MAX_ROWS": 16})  # 40 rows now above it
+    LL.adapter_linear(x, w, None, a, bt, sc, ts, None, None, None)
+    assert {p.path for p in LL._plans.values()} == {"split"}
+
+
+@needs_triton
+def test_metadata_is_kept_per_planner(tuning_dir):
+    tuning.write("cpu", "lora_linear", {"FUSED_MAX_ROWS": 64}, meta={"written_by": "a"})
+    tuning.write("cpu", "quant_linear", {"PREFILL_MIN_ROWS": 128}, meta={"written_by": "b"})
+    data = json.loads((tuning_dir / "cpu.json").read_text())
+    assert data["lora_linear"]["_meta"] == {"written_by": "a"} and data["quant_linear"]["_meta"] == {"written_by": "b"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # metadata keys are no tunables: no warning
+        assert _plan(64).path != "split" and _plan(65).path == "split"

@@ -624,6 +624,7 @@ class Plan(NamedTuple):
 
 
 _plans: dict = {}
+_plans_generation = [0]  # tuning.generation the cached plans were made under
 _sms: dict = {}
 
 
@@ -866,6 +867,9 @@ def adapter_linear(
         x.device, M, N, K, x.dtype, weight.dtype, ldt, R, J, bcast, S, bias is not None, dora,
         input_scale is not None, output_scale is not None, torch.get_float32_matmul_precision(),
     )
+    if _plans_generation[0] != tuning.generation:  # a tuning file changed: plan afresh
+        _plans.clear()
+        _plans_generation[0] = tuning.generation
     plan = _plans.get(key)
     if plan is None:
         _check(x, weight, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale, has_lora)

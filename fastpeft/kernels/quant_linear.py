@@ -86,12 +86,22 @@ TUNABLES = ("DECODE_MAX_ROWS", "PREFILL_MIN_ROWS", "MAX_FUSED_COLS_DECODE", "MAX
             "MIN_K_PER_SPLIT", "MAX_SPLIT_K", "DECODE_TILE", "PREFILL_TILE")
 
 
+_rules_cache: dict = {}
+
+
 def _rules(device: torch.device | None) -> SimpleNamespace:
-    """The planner's constants for ``device``: this module's values, with the device's tuning file on top."""
-    defaults = {n: globals()[n] for n in TUNABLES}
-    if device is None:
-        return SimpleNamespace(**defaults)
-    return SimpleNamespace(**tuning.rules("quant_linear", device, defaults))
+    """The planner's constants for ``device``: this module's values, with the device's tuning file
+    on top. Cached per device (every quantized forward asks; measured 6.5 us uncached vs a dict
+    lookup): after changing a constant of this module at run time, call ``tuning.clear_cache()``."""
+    key = (device, tuning.generation)
+    rules = _rules_cache.get(key)
+    if rules is None:
+        if len(_rules_cache) > 64:
+            _rules_cache.clear()
+        defaults = {n: globals()[n] for n in TUNABLES}
+        merged = defaults if device is None else tuning.rules("quant_linear", device, defaults)
+        rules = _rules_cache[key] = SimpleNamespace(**merged)
+    return rules
 
 # Test hooks: force a path / split-K (None = heuristics).
 FORCE_PATH: str | None = None  # "fused" or "dequant"

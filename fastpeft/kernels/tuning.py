@@ -14,9 +14,12 @@ with the file's values for the current device on top. The file is only data:
 
 The format (one section per planner; any other top-level key is metadata and ignored)::
 
-    {"device": "NVIDIA H200", "written_by": "bench/bench_linear.py --tune", "date": "...",
-     "lora_linear": {"FUSED_MAX_ROWS": 128, "DECODE_TILE": [16, 128, 64, 4, 4]},
+    {"device": "NVIDIA H200",
+     "lora_linear": {"FUSED_MAX_ROWS": 128, "DECODE_TILE": [16, 128, 64, 4, 4],
+                     "_meta": {"written_by": "bench/bench_linear.py --tune", "date": "...", "commit": "..."}},
      "quant_linear": {"PREFILL_MIN_ROWS": 512}}
+
+Keys that start with ``_`` are metadata.
 
 ``FASTPEFT_TUNING_DIR`` points to another folder of such files (tests, experiments).
 """
@@ -34,6 +37,10 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 
 # device name -> parsed file (or {} when there is none / it is malformed), so a file is read once
 _files: dict[tuple[str, str], dict] = {}
+
+#: bumped by :func:`clear_cache` (and so by :func:`write`): planners that cache plans or rules
+#: compare it with the value they cached under and start afresh when it moved
+generation = 0
 
 
 def config_dir() -> Path:
@@ -62,10 +69,14 @@ def config_path(name: str) -> Path:
 
 
 def clear_cache() -> None:
-    """Forget the files read so far (after writing one, or changing ``FASTPEFT_TUNING_DIR``).
-    Plans the planners cached keep their tiles: the dense planner's ``override()`` clears them."""
+    """Forget the files read so far and what was merged from them (after writing a file, changing
+    ``FASTPEFT_TUNING_DIR``, or changing a planner's module constants at run time); the planners
+    drop their cached plans at their next call (:data:`generation`)."""
+    global generation
     _files.clear()
     _merged.clear()
+    _warned.clear()
+    generation += 1
 
 
 def _read(name: str) -> dict:
@@ -90,17 +101,32 @@ def _read(name: str) -> dict:
     return data
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _pow2(v) -> bool:
+    return _is_int(v) and v > 0 and v & (v - 1) == 0
+
+
 def _valid(default, value) -> bool:
-    """Same kind as the built-in value: a positive int, a positive number, or a list of as many positive ints."""
+    """Same kind as the built-in value: a positive int, a positive number, or a tile.
+
+    A tile (the 5-tuples ``(BM, BN, BK, num_warps, num_stages)``) must compile: BM, BN and BK
+    powers of two >= 16 (``tl.arange`` and ``tl.dot``), num_warps a power of two up to 16,
+    num_stages >= 1."""
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+        return _is_int(value) and value > 0
     if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    if isinstance(default, tuple):
-        return (isinstance(value, list) and len(value) == len(default)
-                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value))
+        return (_is_int(value) or isinstance(value, float)) and value > 0 and value == value
+    if isinstance(default, tuple) and len(default) == 5:
+        if not (isinstance(value, list) and len(value) == 5):
+            return False
+        bm, bn, bk, warps, stages = value
+        return (all(_pow2(t) and t >= 16 for t in (bm, bn, bk)) and _pow2(warps) and warps <= 16
+                and _is_int(stages) and stages >= 1)
     return False
 
 
@@ -128,6 +154,8 @@ def _apply(planner: str, device: torch.device, defaults: dict) -> dict:
         _warn_once(path, planner, f"section {planner!r} is not an object")
         return out
     for key, value in section.items():
+        if key.startswith("_"):  # "_meta": who wrote the section, and when
+            continue
         if key not in defaults:
             _warn_once(path, planner, f"{planner}.{key} is not a tunable of this planner "
                                       f"(known: {', '.join(sorted(defaults))})")
@@ -162,11 +190,14 @@ def write(name: str, planner: str, values: dict, meta: dict | None = None, direc
                 data = {}
         except ValueError:
             data = {}
-    data.update(meta or {})
     data["device"] = name
     section = dict(data.get(planner) or {})
     section.update({k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+    if meta:
+        section["_meta"] = dict(meta)
     data[planner] = section
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of it
     clear_cache()
     return path
