@@ -99,12 +99,12 @@ def stack_adapters(layer, names):
     return a.contiguous(), b.contiguous(), sc
 
 
-def _forced(LL, spec):
+def _forced(LP, spec):
     """``override`` for a --paths entry: "decode", "fused", "given", "split", "split:inside", "split:given"."""
     if not spec:
-        return LL.override()
+        return LP.override()
     path, _, shrink = spec.partition(":")
-    return LL.override(path=path, split_shrink=shrink or None)
+    return LP.override(path=path, split_shrink=shrink or None)
 
 
 def main():
@@ -121,6 +121,7 @@ def main():
 
     import fastpeft.ops as ops
     from fastpeft.kernels import lora_linear as LL
+    from fastpeft.kernels import lora_plan as LP
 
     bench = Bench("linear", args)
     dev = bench.device
@@ -177,7 +178,7 @@ def main():
                                 bench.add(shape=shape, tokens=tokens, rank=rank, dtype=dname, method=name, mode=mode,
                                           median_us=us, **extra)
                         for path in paths:
-                            with _forced(LL, path), torch.no_grad():
+                            with _forced(LP, path), torch.no_grad():
                                 us = timed(methods["fastpeft"], mode)
                             if us is not None:
                                 bench.add(shape=shape, tokens=tokens, rank=rank, dtype=dname,
@@ -197,7 +198,7 @@ def main():
 
 def mixed_batch_section(bench, cfg, args, modes, timed, paths):
     """T tokens, each with its own adapter: bytes moved vs the device's copy bandwidth."""
-    from fastpeft.kernels import lora_linear as LL
+    from fastpeft.kernels import lora_plan as LP
 
     dev = bench.device
     T = cfg["multi_tokens"]
@@ -237,7 +238,7 @@ def mixed_batch_section(bench, cfg, args, modes, timed, paths):
                     for item in runs:
                         name, fn = item[0], item[1]
                         forced = item[2] if len(item) == 3 else None
-                        with _forced(LL, forced), torch.no_grad():
+                        with _forced(LP, forced), torch.no_grad():
                             us = timed(fn, mode)
                         if us is None:
                             continue
@@ -260,7 +261,7 @@ TUNE_TOKENS = [1, 16, 32, 64, 128, 256, 512, 1024]
 def tune_section(bench, cfg, timed):
     """Time each knob's candidates on the configured shapes and dtypes (first rank), eager, and
     write the winners to the device's tuning file (bench/tuning_sweep.py has the rules)."""
-    from fastpeft.kernels import lora_linear as LL
+    from fastpeft.kernels import lora_plan as LP
 
     import tuning_sweep
 
@@ -289,13 +290,13 @@ def tune_section(bench, cfg, timed):
                                       median_us=us)
 
     def path_override(v):
-        return LL.override(path=v)
+        return LP.override(path=v)
 
     time_knob("path", ["decode", "fused", "given", "split"], tokens_list, path_override)
-    time_knob("split_k", TUNE_SPLIT_K, [1], lambda v: LL.override(split_k=v))
-    time_knob("decode_tile", TUNE_DECODE_TILES, [1], lambda v: LL.override(tile=v))
-    time_knob("fused_tile_32", TUNE_FUSED_TILES_32, [32], lambda v: LL.override(path="fused", tile=v))
-    time_knob("fused_tile_64", TUNE_FUSED_TILES_64, [128], lambda v: LL.override(path="fused", tile=v))
+    time_knob("split_k", TUNE_SPLIT_K, [1], lambda v: LP.override(split_k=v))
+    time_knob("decode_tile", TUNE_DECODE_TILES, [1], lambda v: LP.override(tile=v))
+    time_knob("fused_tile_32", TUNE_FUSED_TILES_32, [32], lambda v: LP.override(path="fused", tile=v))
+    time_knob("fused_tile_64", TUNE_FUSED_TILES_64, [128], lambda v: LP.override(path="fused", tile=v))
 
     # the fused family (best of decode/fused/given per case) against the split path
     fam = [dict(r, value="fused_family") for r in rows if r["knob"] == "path" and r["value"] != "split" and r["median_us"]]
@@ -311,10 +312,7 @@ def tune_section(bench, cfg, timed):
         "FUSED_TILE_32": tuning_sweep.best_setting(rows, "fused_tile_32"),
         "FUSED_TILE_64": tuning_sweep.best_setting(rows, "fused_tile_64"),
     }
-    directory = None if dev.type == "cuda" else os.path.join(HERE, "results", "tuning-dryrun")
-    path = tuning_sweep.write(bench.device_name if dev.type == "cuda" else "cpu", "lora_linear", winners,
-                              "bench_linear.py", bench.commit, bench.date, directory=directory)
-    print(f"\ntuning winners: {winners}\n-> {path}" + ("" if dev.type == "cuda" else " (interpreter: a dry run, not read)"))
+    tuning_sweep.write(bench, "lora_linear", winners, "bench_linear.py")
 
 
 if __name__ == "__main__":

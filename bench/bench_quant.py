@@ -270,10 +270,7 @@ def tune_section(bench, w, R, dt, dname, make_linear4bit, QL, quantized_adapter_
         "MAX_SPLIT_K": tuning_sweep.best_setting(rows, "split_k"),
         "DECODE_TILE": tuning_sweep.best_setting(rows, "decode_tile"),
     }
-    directory = None if dev.type == "cuda" else os.path.join(HERE, "results", "tuning-dryrun")
-    path = tuning_sweep.write(bench.device_name if dev.type == "cuda" else "cpu", "quant_linear", winners,
-                              "bench_quant.py", bench.commit, bench.date, directory=directory)
-    print(f"\ntuning winners: {winners}\n-> {path}" + ("" if dev.type == "cuda" else " (interpreter: a dry run, not read)"))
+    tuning_sweep.write(bench, "quant_linear", winners, "bench_quant.py")
 
 
 if __name__ == "__main__":

@@ -68,10 +68,18 @@ def threshold_rows(rows: list[dict], knob: str, candidate, alternative) -> int |
     return best
 
 
-def write(device_name: str, planner: str, values: dict, script: str, commit: str, date: str, directory=None):
-    """Merge ``values`` (None entries dropped) into the device's tuning file; returns its path."""
+def write(bench, planner: str, values: dict, script: str):
+    """Merge ``values`` (None entries dropped) into the tuning file of ``bench``'s device and say
+    where it went; returns the path. On a CPU the timings come from the Triton interpreter and
+    mean nothing: the file goes to bench/results/tuning-dryrun/, which no planner reads."""
+    import os
+
     from fastpeft.kernels import tuning
 
-    values = {k: v for k, v in values.items() if v is not None}
-    meta = {"written_by": f"bench/{script} --tune", "commit": commit, "date": date}
-    return tuning.write(device_name, planner, values, meta=meta, directory=directory)
+    gpu = bench.device.type == "cuda"
+    directory = None if gpu else os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tuning-dryrun")
+    kept = {k: v for k, v in values.items() if v is not None}
+    meta = {"written_by": f"bench/{script} --tune", "commit": bench.commit, "date": bench.date}
+    path = tuning.write(bench.device_name if gpu else "cpu", planner, kept, meta=meta, directory=directory)
+    print(f"\ntuning winners: {values}\n-> {path}" + ("" if gpu else " (interpreter: a dry run, not read)"))
+    return path

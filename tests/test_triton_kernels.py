@@ -28,6 +28,7 @@ pytestmark = [
 if "triton" in ops.available_backends():
     from fastpeft.kernels import lora_embedding as LE
     from fastpeft.kernels import lora_linear as LL
+    from fastpeft.kernels import lora_plan as LP
 
 PATHS = ["decode", "fused", "given", "split"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -84,10 +85,10 @@ def _f64(args):
 
 def check(args, path=None, split_k=None, name="", split_shrink=None):
     """Run the op with the triton backend (optionally forcing a path) and compare."""
-    with LL.override(path=path, split_k=split_k, split_shrink=split_shrink):
+    with LP.override(path=path, split_k=split_k, split_shrink=split_shrink):
         out = torch.ops.fastpeft.adapter_linear(*args)
         if path is not None:
-            assert [p.path for p in LL._plans.values()] == [path]
+            assert [p.path for p in LP._plans.values()] == [path]
     x, w = args[0], args[1]
     assert out.shape == (x.shape[0], w.shape[0]) and out.dtype == x.dtype and out.device == x.device
     cpu = tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in args)
@@ -125,9 +126,9 @@ def test_rank_256(device, triton_backend, path):
 def test_rank_256_two_adapters_chunks_j(device, triton_backend):
     # J * RP = 512 > ADD_MAX_JRP: the split path launches once per adapter, keeping the DoRA base
     args = make_case(device, 4, 40, 24, S=3, R=256, J=2, dtype=torch.float16, dora=True, outs="n", seed=4)
-    with LL.override():
+    with LP.override():
         torch.ops.fastpeft.adapter_linear(*args)
-        assert [p.path for p in LL._plans.values()] == ["split"]
+        assert [p.path for p in LP._plans.values()] == ["split"]
     check(args, None)
 
 
@@ -155,9 +156,9 @@ def test_split_with_shrink_kernel(device, triton_backend, variant, bcast):
     # the prefill path with the shrink as its own kernel (x read once), then expand-only programs
     args = make_case(device, 40, 50, 150, S=4, R=5, dtype=torch.float16, bcast=bcast, seed=8, **VARIANTS[variant])
     check(args, "split", split_shrink="given", name=f"{variant}-split-given")
-    with LL.override(path="split", split_shrink="given"):
+    with LP.override(path="split", split_shrink="given"):
         torch.ops.fastpeft.adapter_linear(*args)
-        assert list(LL._plans.values())[0].xa_splits >= 1
+        assert list(LP._plans.values())[0].xa_splits >= 1
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -189,9 +190,9 @@ def test_split_k(device, triton_backend, split_k):
     # IA3 out and the cast happen once, after the reduction
     args = make_case(device, 4, 300, 40, S=3, R=6, J=2, dtype=torch.float16, dora=True, ins="k", outs="n", seed=split_k)
     check(args, "decode", split_k=split_k)
-    with LL.override(path="decode", split_k=split_k):
+    with LP.override(path="decode", split_k=split_k):
         torch.ops.fastpeft.adapter_linear(*args)
-        assert list(LL._plans.values())[0].split_k == min(split_k, math.ceil(300 / 128))
+        assert list(LP._plans.values())[0].split_k == min(split_k, math.ceil(300 / 128))
 
 
 def test_split_k_given_and_fused(device, triton_backend):
@@ -250,22 +251,22 @@ def test_dispatch_ranges():
     h, f32 = torch.float16, torch.float32
 
     def plan(M, R=16, J=1, bcast=True, S=1, N=4096, K=4096):
-        return LL._make_plan(dev, M, N, K, h, h, f32, R, J, bcast, S, True, False, False, False, "highest")
+        return LP._make_plan(dev, M, N, K, h, h, f32, R, J, bcast, S, True, False, False, False, "highest")
 
     assert plan(1).path == "decode" and plan(16).path == "decode"
     assert plan(17).path == "fused" and plan(64).path == "fused"
-    assert plan(LL.FUSED_MAX_ROWS + 1).path == "split" and plan(4096).path == "split"
+    assert plan(LP.FUSED_MAX_ROWS + 1).path == "split" and plan(4096).path == "split"
     # A re-read by every output tile above MAX_AREREAD_FRACTION of W: shrink kernel first
     assert plan(1, R=64).path == "given"  # 64 fp32 columns per 128 bf16 weight columns: 1.0
-    assert plan(LL.FUSED_MAX_ROWS).path == "given"  # 4 row tiles x 0.25
+    assert plan(LP.FUSED_MAX_ROWS).path == "given"  # 4 row tiles x 0.25
     assert plan(8, bcast=False, S=2).path == "decode"  # two adapters: shrink in the tile
     assert plan(64, bcast=False, S=64).path == "given"  # many: per-row-tile shrink kernel first
     assert plan(1, R=256, J=2).path == "split"  # J * RP too large for the fused tile
     # prefill: the x re-read of one-kernel shrink + expand is small at 300 rows, large at 4096
     assert plan(300).xa_splits == 0 and plan(4096).xa_splits >= 1
     p = plan(1)
-    assert p.split_k > 1 and p.grid[0] * p.split_k >= LL.ASSUMED_SMS  # >= 1 wave (K slices >= 512)
-    assert p.meta["PREC_L"] == LL.FP32_ADAPTER_PRECISION and p.meta["SHRINK"] == 1
+    assert p.split_k > 1 and p.grid[0] * p.split_k >= LP.ASSUMED_SMS  # >= 1 wave (K slices >= 512)
+    assert p.meta["PREC_L"] == LP.FP32_ADAPTER_PRECISION and p.meta["SHRINK"] == 1
 
 
 def test_registration(device):
@@ -324,7 +325,7 @@ def test_compile_fullgraph(device, triton_backend):
 def test_cuda_graph_capture(triton_backend, path):
     device = torch.device("cuda")
     args = make_case(device, 8, 256, 192, S=4, R=16, J=1, dtype=torch.bfloat16, dora=True, outs="n", seed=29)
-    with LL.override(path=path, split_k=2 if path in ("decode", "given") else None):
+    with LP.override(path=path, split_k=2 if path in ("decode", "given") else None):
         torch.ops.fastpeft.adapter_linear(*args)  # compile + plan outside the capture
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # no host synchronisation on the hot path

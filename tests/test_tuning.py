@@ -17,37 +17,37 @@ CPU = torch.device("cpu")
 
 @pytest.fixture
 def tuning_dir(tmp_path, monkeypatch):
-    from fastpeft.kernels import lora_linear as LL
+    from fastpeft.kernels import lora_plan as LP
 
     monkeypatch.setenv("FASTPEFT_TUNING_DIR", str(tmp_path))
     tuning.clear_cache()
-    LL._plans.clear()
+    LP._plans.clear()
     yield tmp_path
     tuning.clear_cache()
-    LL._plans.clear()
+    LP._plans.clear()
 
 
 def _plan(M, R=16, N=4096, K=4096):
-    from fastpeft.kernels import lora_linear as LL
+    from fastpeft.kernels import lora_plan as LP
 
     h = torch.float16
-    return LL._make_plan(CPU, M, N, K, h, h, torch.float32, R, 1, True, 1, True, False, False, False, "highest")
+    return LP._make_plan(CPU, M, N, K, h, h, torch.float32, R, 1, True, 1, True, False, False, False, "highest")
 
 
 @needs_triton
 def test_no_file_means_the_built_in_rules(tuning_dir):
-    from fastpeft.kernels import lora_linear as LL
+    from fastpeft.kernels import lora_plan as LP
     from fastpeft.kernels import quant_linear as QL
 
     assert tuning.rules("lora_linear", CPU, {"FUSED_MAX_ROWS": 256}) == {"FUSED_MAX_ROWS": 256}
-    assert _plan(LL.FUSED_MAX_ROWS).path != "split" and _plan(LL.FUSED_MAX_ROWS + 1).path == "split"
-    assert _plan(1).meta["BN"] == LL.DECODE_TILE[1]
+    assert _plan(LP.FUSED_MAX_ROWS).path != "split" and _plan(LP.FUSED_MAX_ROWS + 1).path == "split"
+    assert _plan(1).meta["BN"] == LP.DECODE_TILE[1]
     assert QL.plan_path(QL.PREFILL_MIN_ROWS - 1, 16, CPU) == "fused"
 
 
 @needs_triton
 def test_dense_planner_reads_the_file_of_its_device(tuning_dir):
-    from fastpeft.kernels import lora_linear as LL
+    from fastpeft.kernels import lora_plan as LP
     from fastpeft.kernels import quant_linear as QL
 
     path = tuning.write("cpu", "lora_linear", {"FUSED_MAX_ROWS": 32, "DECODE_TILE": (16, 64, 64, 4, 2), "MAX_SPLIT_K": 1},
@@ -56,7 +56,7 @@ def test_dense_planner_reads_the_file_of_its_device(tuning_dir):
     tuning.write("cpu", "quant_linear", {"PREFILL_MIN_ROWS": 8})
     data = json.loads(path.read_text())
     assert data["lora_linear"]["FUSED_MAX_ROWS"] == 32 and data["quant_linear"] == {"PREFILL_MIN_ROWS": 8}
-    LL._plans.clear()
+    LP._plans.clear()
     assert _plan(32).path != "split" and _plan(33).path == "split"  # was fused up to 256 rows
     p = _plan(1)
     assert (p.meta["BM"], p.meta["BN"], p.meta["num_warps"]) == (16, 64, 4) and p.split_k == 1
@@ -88,13 +88,13 @@ def test_a_device_reads_only_its_own_file(tuning_dir):
 ])
 @needs_triton
 def test_malformed_file_falls_back_with_a_warning(tuning_dir, content, match):
-    from fastpeft.kernels import lora_linear as LL
+    from fastpeft.kernels import lora_plan as LP
 
     (tuning_dir / "cpu.json").write_text(content)
     with pytest.warns(UserWarning, match=match):
-        p_small, p_big = _plan(LL.FUSED_MAX_ROWS), _plan(LL.FUSED_MAX_ROWS + 1)
+        p_small, p_big = _plan(LP.FUSED_MAX_ROWS), _plan(LP.FUSED_MAX_ROWS + 1)
     assert p_small.path != "split" and p_big.path == "split"  # the built-in rule
-    assert _plan(1).meta["BN"] == LL.DECODE_TILE[1]
+    assert _plan(1).meta["BN"] == LP.DECODE_TILE[1]
 
 
 @needs_triton
@@ -107,11 +107,11 @@ def test_good_keys_apply_beside_a_bad_one(tuning_dir):
 @needs_triton
 def test_fused_kernel_with_tuned_tiles_matches_the_reference(tuning_dir):
     """The tuned values change only the schedule, never the result."""
-    from fastpeft.kernels import lora_linear as LL
+    from fastpeft.kernels import lora_plan as LP
     from fastpeft.ops import reference
 
     tuning.write("cpu", "lora_linear", {"DECODE_TILE": (16, 32, 32, 4, 2), "MAX_SPLIT_K": 2, "MIN_K_PER_SPLIT": 32})
-    p = LL._make_plan(CPU, 3, 45, 77, torch.float32, torch.float32, torch.float32, 4, 1, False, 2, False, False,
+    p = LP._make_plan(CPU, 3, 45, 77, torch.float32, torch.float32, torch.float32, 4, 1, False, 2, False, False,
                       False, False, "highest")
     assert (p.meta["BN"], p.meta["BK"], p.meta["num_stages"]) == (32, 32, 2)  # the file's tile is the one run
     g = torch.Generator().manual_seed(0)
@@ -163,15 +163,16 @@ def test_sweep_rules_pick_the_winners():
 def test_cached_plans_follow_a_new_file(tuning_dir):
     """Plans cached by adapter_linear are made afresh after a tuning file is written."""
     from fastpeft.kernels import lora_linear as LL
+    from fastpeft.kernels import lora_plan as LP
 
     x, w = torch.randn(40, 64), torch.randn(48, 64)
     a, bt = torch.randn(1, 4, 64), torch.randn(1, 4, 48)
     sc, ts = torch.ones(1), torch.zeros(1, 1, dtype=torch.int32)
     LL.adapter_linear(x, w, None, a, bt, sc, ts, None, None, None)
-    assert {p.path for p in LL._plans.values()} == {"fused"}
+    assert {p.path for p in LP._plans.values()} == {"fused"}
     tuning.write("cpu", "lora_linear", {"FUSED_MAX_ROWS": 16})  # 40 rows now above it
     LL.adapter_linear(x, w, None, a, bt, sc, ts, None, None, None)
-    assert {p.path for p in LL._plans.values()} == {"split"}
+    assert {p.path for p in LP._plans.values()} == {"split"}
 
 
 @needs_triton

@@ -125,6 +125,7 @@ def resource_usage(kernel) -> dict:
 def compile_case(M, K, N, R, S, J, per_row, dora, xdt, ldt, compiled, path=None):
     """Run adapter_linear's host code on CPU tensors of this case (launches compile only)."""
     from . import lora_linear as LL
+    from . import lora_plan as LP
 
     x = torch.zeros(M, K, dtype=xdt)
     w = torch.zeros(N, K, dtype=xdt)
@@ -133,9 +134,9 @@ def compile_case(M, K, N, R, S, J, per_row, dora, xdt, ldt, compiled, path=None)
     sc = torch.ones(S)
     ts = torch.zeros(M if per_row else 1, J, dtype=torch.int32)
     d = torch.ones(S, N, dtype=ldt) if dora else None
-    with LL.override(path=path):
+    with LP.override(path=path):
         LL.adapter_linear(x, w, None, a, b, sc, ts, d, None, None)
-        plan = next(iter(LL._plans.values()))
+        plan = next(iter(LP._plans.values()))
     out = []
     for name, kwargs, kernel in compiled:
         out.append(dict(kernel=name, path=plan.path, **{k: kwargs.get(k) for k in ("BM", "BN", "BK", "num_warps", "num_stages")},

@@ -43,6 +43,10 @@ import triton.language as tl
 from torch import Tensor
 
 from . import tuning
+from ._common import ASSUMED_SMS  # noqa: F401  (the SM count plans assume without a GPU)
+from ._common import num_sms as _num_sms
+from ._common import pow2 as _pow2
+from ._common import strides2 as _strides2
 from ._interpret import INTERPRET
 
 # ---------------------------------------------------------------------------------------------
@@ -71,7 +75,6 @@ MAX_FUSED_COLS = 64
 TARGET_PROGRAMS_PER_SM = 2
 MIN_K_PER_SPLIT = 1024
 MAX_SPLIT_K = 8
-ASSUMED_SMS = 132
 # Tiles (BM, BN, BK, num_warps, num_stages): the zero-spill configurations of a ptxas compile
 # sweep for sm_90 (both formats, bf16, plain and mixed/DoRA/IA3 epilogues): BN=64, BK=64, 8 warps,
 # 3 stages at BM=16 and BM=64. BN=128 or BK=128 with the heavier epilogues spilled 0.2-1.8 KB;
@@ -348,16 +351,6 @@ def _dequant_4bit_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return ASSUMED_SMS
-
-
 def _tiles(M: int, L) -> tuple:
     """(BM, BN, BK, num_warps, num_stages) for M rows (DECODE_TILE / PREFILL_TILE, or FORCE_TILE)."""
     if FORCE_TILE is not None:
@@ -399,15 +392,6 @@ def dequantize_4bit_triton(qweight, absmax, code, nested_absmax, nested_code, ne
 def _span(t: Tensor) -> int:
     """Largest element offset a kernel computes for ``t`` (plus one)."""
     return sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True) if n > 0) + 1
-
-
-def _strides2(t: Tensor | None, rows: int):
-    """Row/column strides of a [rows?, cols] tensor that may be 1-D (broadcast over rows)."""
-    if t is None:
-        return 0, 0
-    if t.dim() == 1:
-        return 0, t.stride(0)
-    return (t.stride(0) if t.shape[0] != 1 else 0), t.stride(1)
 
 
 def quant_linear(

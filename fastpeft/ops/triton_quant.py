@@ -28,16 +28,12 @@ if _devices:  # Triton is imported only when some device can run its kernels (se
         raise
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _stacked_cols(lora_a, token_slots) -> int:
     if lora_a is None or token_slots is None or token_slots.numel() == 0:
         return 16
     S, R = lora_a.shape[0], lora_a.shape[1]
     C = S * R if token_slots.shape[0] != 1 else token_slots.shape[1] * R
-    return max(16, _pow2(C))
+    return max(16, _k._pow2(C))
 
 
 def _dense(x, w, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale):
