@@ -207,8 +207,8 @@ class AdapterOffload:
         return {n for _, m in self.layers for n in m._lru.slots}
 
     def stats(self) -> dict:
-        """Slot loads (host-to-device copies of one adapter into one layer) and evictions, summed
-        over the layers; bytes copied so far."""
+        """``{"loads": ..., "evictions": ...}``: slot loads (host-to-device copies of one adapter
+        into one layer) and evictions, summed over the layers."""
         loads = sum(m._lru.loads for _, m in self.layers)
         evictions = sum(m._lru.evictions for _, m in self.layers)
         return dict(loads=loads, evictions=evictions)

@@ -28,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 import bitsandbytes.functional as BF  # noqa: E402
 
+import fastpeft  # noqa: E402
 import fastpeft.ops as ops  # noqa: E402
 from fastpeft.quant import formats as F  # noqa: E402
 from fastpeft.quant.layers import (  # noqa: E402
@@ -377,3 +378,52 @@ def test_peft_lora_8bit_int8_eval_path_within_activation_rounding():
     step = x2.half().float().abs().amax(dim=1, keepdim=True) / 127 * 0.5 + x2.abs() * 2 ** -11
     bound = step @ w.abs().t() + want.reshape(x2.shape[0], -1).abs() * 2 ** -10 + 1e-5
     assert ((got - want).reshape(bound.shape).abs() <= bound).all()
+
+
+class _LinearNF4Holder(nn.Module):
+    def __init__(self, lin, custom_forward=False):
+        super().__init__()
+        nf4 = bnb.nn.LinearNF4(lin.in_features, lin.out_features, bias=lin.bias is not None, device="cpu")
+        nf4.load_state_dict(lin.state_dict())
+        self.proj = nf4.to("cpu")
+        self.is_loaded_in_4bit = True  # as Transformers sets it: PEFT then picks its bitsandbytes LoRA layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_bnb_subclass_linear_nf4_is_a_quantized_base_as_in_peft():
+    """bitsandbytes' LinearNF4 (a Linear4bit subclass) counts as a quantized base everywhere:
+    the fused path runs, outputs equal PEFT's, and merging dequantizes and requantizes (it used
+    to be taken for an nn.Linear-like layer by one rule and quantized by another)."""
+    from fastpeft.nn._base_kinds import base_kind, fused_forward_ok
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 96)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(_LinearNF4Holder(lin), peft.LoraConfig(**cfg))
+    fm = fastpeft.get_peft_model(_LinearNF4Holder(lin), fastpeft.LoraConfig(**cfg))
+    fm.load_state_dict(pm.state_dict(), strict=False)
+    base = fm.base_model.model.proj.base_layer
+    assert type(base).__name__ == "LinearNF4" and base_kind(base) == "quant" and fused_forward_ok(base)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        want = pm(x)
+        torch.testing.assert_close(fm(x), want, atol=1e-4, rtol=1e-4)
+        merged = fm.merge_and_unload()
+        peft_merged = pm.merge_and_unload()
+        # the same requantized NF4 weight as PEFT's merge (PEFT keeps the LinearNF4 object and swaps its
+        # weight; fastpeft's merge builds a Linear4bit with the same storage and settings)
+        assert isinstance(merged.proj, bnb.nn.Linear4bit) and merged.proj.weight.quant_type == "nf4"
+        torch.testing.assert_close(merged(x), peft_merged(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bnb_subclass_with_its_own_forward_runs_unfused():
+    from fastpeft.nn._base_kinds import fused_forward_ok
+
+    class Scaled4bit(bnb.nn.Linear4bit):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    layer = Scaled4bit(64, 32, device="cpu")
+    assert not fused_forward_ok(layer)

@@ -4,11 +4,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .._optional import transformers_conv1d
+from ..quant.layers import is_quantized_linear
 
 
 def _is_quantized(module: nn.Module) -> bool:
-    name = type(module).__name__
-    return name in ("Linear4bit", "Linear8bitLt") and type(module).__module__.startswith("bitsandbytes")
+    """A bitsandbytes Linear4bit / Linear8bitLt or a subclass (LinearNF4, LinearFP4, ...): the
+    one rule of fastpeft/quant/layers.py, so layers and the quantized path agree."""
+    return is_quantized_linear(module)
 
 
 def base_kind(module: nn.Module) -> str:
@@ -28,8 +30,8 @@ def base_kind(module: nn.Module) -> str:
 def fused_forward_ok(module: nn.Module) -> bool:
     """True when ``module``'s forward is exactly the plain matmul/lookup the fused ops compute
     (a subclass with its own forward, e.g. a scaled embedding, runs unfused)."""
-    if _is_quantized(module):
-        return True
+    if _is_quantized(module):  # bitsandbytes' own forward (a subclass may only preset options, as LinearNF4)
+        return next(c for c in type(module).__mro__ if "forward" in c.__dict__).__module__.startswith("bitsandbytes")
     t = type(module)
     return t is nn.Linear or t is nn.Embedding or t is transformers_conv1d()
 

@@ -40,8 +40,8 @@ class AdapterLayer(nn.Module):
     """Base class: bookkeeping of adapters, active set, enable/disable, merge state, slots.
 
     Subclasses define ``adapter_param_dicts`` (names of the ModuleDict/ParameterDicts holding
-    per-adapter parameters, PEFT's names) and implement ``_add``, ``_remove``, ``_pack`` and
-    the forward.
+    per-adapter parameters, PEFT's names) and implement ``add_adapter``, ``_pack`` and the
+    forward (and ``_remove`` when they hold more than those dicts).
     """
 
     adapter_param_dicts: tuple[str, ...] = ()
@@ -409,9 +409,6 @@ class AdapterLayer(nn.Module):
             return self.forward(x, *args, **kwargs)
         finally:
             self._mixed_names = previous
-
-    def uses_mixed_batch(self) -> bool:
-        return self._mixed is not None
 
 
 def find_adapter_layers(model: nn.Module):

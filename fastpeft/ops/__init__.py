@@ -17,6 +17,7 @@ from .backends import (
     BackendUnavailableError,
     available_backends,
     get_backend,
+    mark_unavailable,
     register,
     set_backend,
 )
@@ -30,19 +31,7 @@ register("adapter_embedding", "torch", reference.adapter_embedding)
 for _name in ("triton", "cpp", "cuda"):
     try:
         importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as e:  # backend module not written / dependency missing
-        if e.name and e.name.startswith(f"{__name__}.{_name}"):
-            from .backends import mark_unavailable
-
-            mark_unavailable(_name, "backend module not present in this build")
-        else:
-            from .backends import mark_unavailable
-
-            mark_unavailable(_name, f"import failed: {e}")
-            log.info("fastpeft backend %s unavailable: %s", _name, e)
-    except Exception as e:  # never let an optional backend break the import
-        from .backends import mark_unavailable
-
+    except Exception as e:  # a dependency missing or broken: never let an optional backend break the import
         mark_unavailable(_name, f"import failed: {type(e).__name__}: {e}")
         log.info("fastpeft backend %s unavailable: %s", _name, e)
 
@@ -68,7 +57,5 @@ register("adapter_linear_8bit", "torch", reference.adapter_linear_8bit)
 try:
     importlib.import_module(f"{__name__}.triton_quant")
 except Exception as e:  # noqa: BLE001 - an optional backend never breaks the import
-    from .backends import mark_unavailable
-
     mark_unavailable("triton", f"triton_quant import failed: {type(e).__name__}: {e}")
     log.info("fastpeft quantized triton kernels unavailable: %s", e)
