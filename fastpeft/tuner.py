@@ -401,12 +401,13 @@ def unload(model: nn.Module, merge_first: bool, adapter_names=None, safe_merge: 
     """Replace every adapter layer by its base (merged first if asked); returns ``model``.
     ``progressbar``: a bar over the layers, as PEFT's ``merge_and_unload(progressbar=True)``."""
     names = _check_names(model, adapter_names, "merge") if merge_first and adapter_names is not None else None
-    mergeable = {id(layer) for layer in adapter_layers(model)} if merge_first else set()
-    layers = [(path, module) for path, module in model.named_modules() if isinstance(module, AdapterLayer)]
     desc = "Unloading " + ("and merging " if merge_first else "") + "model"
-    for path, module in progress(layers, desc, enabled=progressbar):  # the bar covers the merges too
-        if id(module) in mergeable:
-            module.merge(names, safe_merge=safe_merge)
+    if merge_first:  # every merge first: one that raises leaves all layers wrapped (unmerge() recovers)
+        for layer in progress(adapter_layers(model), desc, enabled=progressbar):
+            layer.merge(names, safe_merge=safe_merge)
+    layers = [(path, module) for path, module in model.named_modules() if isinstance(module, AdapterLayer)]
+    # inner layers first (reversed module order): a wrapper's children are replaced before the wrapper
+    for path, module in progress(layers[::-1], desc, enabled=progressbar and not merge_first):
         parent, child = _parent(model, path)
         if isinstance(module, ModulesToSaveWrapper):
             act = [a for a in module.active_adapters if a in module.modules_to_save]

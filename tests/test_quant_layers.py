@@ -427,3 +427,30 @@ def test_bnb_subclass_with_its_own_forward_runs_unfused():
 
     layer = Scaled4bit(64, 32, device="cpu")
     assert not fused_forward_ok(layer)
+
+
+def test_merge_into_a_bnb_subclass_with_its_own_forward_is_refused_and_changes_nothing():
+    class Scaled4bit(bnb.nn.Linear4bit):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            lin = nn.Linear(64, 32)
+            layer = Scaled4bit(64, 32, device="cpu")
+            layer.load_state_dict(lin.state_dict())
+            self.proj = layer.to("cpu")
+
+        def forward(self, x):
+            return self.proj(x)
+
+    fm = fastpeft.get_peft_model(Holder(), fastpeft.LoraConfig(r=4, target_modules=["proj"], init_lora_weights=False))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = fm(x)
+        with pytest.raises(TypeError, match="Scaled4bit subclasses bitsandbytes' Linear4bit with its own forward"):
+            fm.merge_and_unload()
+        assert type(fm.base_model.model.proj.base_layer) is Scaled4bit
+        torch.testing.assert_close(fm(x), want, atol=0, rtol=0)

@@ -119,7 +119,7 @@ def _rules(dev: torch.device) -> SimpleNamespace:
 
 
 # ---------------------------------------------------------------------------------------------
-# Host side: plans (cached per shape), launches
+# Plans (cached per shape; lora_linear looks them up and launches)
 # ---------------------------------------------------------------------------------------------
 
 PATHS = ("decode", "fused", "given", "split")

@@ -172,7 +172,8 @@ class IA3Linear(AdapterLayer):
         return y.reshape(*x.shape[:-1], N)
 
     def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
-        names = [n for n in (adapter_names or self.active_adapters) if n in self.ia3_l and n not in self.merged_adapters]
+        wanted = self.active_adapters if adapter_names is None else adapter_names  # []: nothing, as in PEFT
+        names = [n for n in wanted if n in self.ia3_l and n not in self.merged_adapters]
         for n in names:
             s = self.ia3_l[n].detach().flatten()
             self._scale_base(s)

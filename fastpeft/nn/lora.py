@@ -606,7 +606,8 @@ class LoraLinear(AdapterLayer):
     # ----- merging -----------------------------------------------------------------------------
     def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
         """Fold the adapters (default: the active ones) into the base weight, as PEFT does."""
-        names = [n for n in (adapter_names or self.active_adapters) if n in self.lora_A and n not in self.merged_adapters]
+        wanted = self.active_adapters if adapter_names is None else adapter_names  # []: nothing, as in PEFT
+        names = [n for n in wanted if n in self.lora_A and n not in self.merged_adapters]
         for n in names:
             W = weight_nk(self.base_layer)
             orig_dtype = W.dtype
@@ -897,7 +898,7 @@ class LoraEmbedding(AdapterLayer):
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
 
     def merge(self, adapter_names=None, safe_merge=False):
-        names = [n for n in (adapter_names or self.active_adapters)
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)
                  if n in self.lora_embedding_A and n not in self.merged_adapters]
         for n in names:
             with torch.no_grad():

@@ -263,6 +263,14 @@ def quantized_like(base_layer: nn.Module, new_weight: Tensor) -> nn.Module:
     does the same and warns; fastpeft's adapter layers warn before calling this).
     """
     kind = _require(base_layer, "quantized_like")
+    defines_forward = next(c for c in type(base_layer).__mro__ if "forward" in c.__dict__)
+    if not defines_forward.__module__.startswith("bitsandbytes"):
+        raise TypeError(
+            f"quantized_like: {type(base_layer).__name__} subclasses bitsandbytes' "
+            f"{'Linear4bit' if kind == '4bit' else 'Linear8bitLt'} with its own forward; merging into it is not "
+            f"supported (the requantized layer would be a plain bitsandbytes layer without that forward). Keep the "
+            f"adapter unmerged, or merge on the dense weights"
+        )
     N, K = base_layer.out_features, base_layer.in_features
     if tuple(new_weight.shape) != (N, K):
         raise ValueError(f"quantized_like: new_weight must be [N, K] = {(N, K)}, got {tuple(new_weight.shape)}")
