@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .._optional import transformers_conv1d
-from ..quant.layers import is_quantized_linear
+from ..quant.layers import has_bnb_forward, is_quantized_linear
 
 
 def _is_quantized(module: nn.Module) -> bool:
@@ -27,13 +27,23 @@ def base_kind(module: nn.Module) -> str:
     return "other"
 
 
+# type -> fused_forward_ok's answer: it depends on the class only, and the layers ask on every
+# forward (0.77 us uncached for an nn.Linear: an MRO walk; a dict lookup cached)
+_fused_ok: dict[type, bool] = {}
+
+
 def fused_forward_ok(module: nn.Module) -> bool:
     """True when ``module``'s forward is exactly the plain matmul/lookup the fused ops compute
     (a subclass with its own forward, e.g. a scaled embedding, runs unfused)."""
-    if _is_quantized(module):  # bitsandbytes' own forward (a subclass may only preset options, as LinearNF4)
-        return next(c for c in type(module).__mro__ if "forward" in c.__dict__).__module__.startswith("bitsandbytes")
     t = type(module)
-    return t is nn.Linear or t is nn.Embedding or t is transformers_conv1d()
+    ok = _fused_ok.get(t)
+    if ok is None:
+        if _is_quantized(module):
+            ok = has_bnb_forward(module)
+        else:  # (a Conv1D instance exists only once transformers is loaded, so caching False is safe)
+            ok = t is nn.Linear or t is nn.Embedding or t is transformers_conv1d()
+        _fused_ok[t] = ok
+    return ok
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:

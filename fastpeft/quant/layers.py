@@ -50,6 +50,12 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return _bnb_kind(module) is not None
 
 
+def has_bnb_forward(module: nn.Module) -> bool:
+    """True when the ``forward`` that runs is bitsandbytes' own (LinearNF4 only presets options;
+    a user subclass that overrides ``forward`` computes something else)."""
+    return next(c for c in type(module).__mro__ if "forward" in c.__dict__).__module__.startswith("bitsandbytes")
+
+
 def _require(module, what: str) -> str:
     kind = _bnb_kind(module)
     if kind is None:
@@ -263,8 +269,7 @@ def quantized_like(base_layer: nn.Module, new_weight: Tensor) -> nn.Module:
     does the same and warns; fastpeft's adapter layers warn before calling this).
     """
     kind = _require(base_layer, "quantized_like")
-    defines_forward = next(c for c in type(base_layer).__mro__ if "forward" in c.__dict__)
-    if not defines_forward.__module__.startswith("bitsandbytes"):
+    if not has_bnb_forward(base_layer):
         raise TypeError(
             f"quantized_like: {type(base_layer).__name__} subclasses bitsandbytes' "
             f"{'Linear4bit' if kind == '4bit' else 'Linear8bitLt'} with its own forward; merging into it is not "
