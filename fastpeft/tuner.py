@@ -275,7 +275,7 @@ def load_weights(model: nn.Module, file_sd: dict, adapter_name: str, config: Pef
         for key, t in mapped.items():
             own[key].copy_(t)
     for layer in adapter_layers(model):
-        layer._dirty = True
+        layer.bank.mark_stale()
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict:
@@ -353,11 +353,11 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]):
     handles = [w.register_forward_pre_hook(_peft_names_hook(names), with_kwargs=True) for w in _peft_wrappers(model)]
     try:
         for layer in layers:
-            layer._mixed_names = names
+            layer.set_mixed_names(names)
         yield
     finally:
         for layer, p in zip(layers, previous, strict=True):
-            layer._mixed_names = p
+            layer.set_mixed_names(p)
         for h in handles:
             h.remove()
 

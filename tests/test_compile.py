@@ -133,11 +133,11 @@ def test_slot_tensors_keep_their_memory_across_switches():
     model = fm.get_base_model()
     layer = model.model.layers[0].self_attn.q_proj
     kw = inputs(batch=3, seq=4)
-    act = layer._active_slots
+    act = layer.bank.active
     ptr = act.data_ptr()
     for name in ("b", "d", "default"):
         fm.set_adapter(name)
-        assert layer._active_slots is act and act.data_ptr() == ptr
+        assert layer.bank.active is act and act.data_ptr() == ptr
         assert act.tolist() == [[layer.slot_of(name)]]
     with fastpeft.mixed_batch(fm, ["b", "d", "__base__"]):
         logits(model, kw)

@@ -89,9 +89,9 @@ def test_plan_output_is_the_general_paths(backend, shape):
     x = torch.randn(*shape, K)
     with torch.no_grad():
         first = layer(x)  # general path; builds the plan
-        assert isinstance(layer._fast, _expected_plan_type(backend))
+        assert isinstance(layer.bank.plan, _expected_plan_type(backend))
         again = layer(x)  # through the plan
-        direct = layer._fast(x)
+        direct = layer.bank.plan(x)
         peft_out = pm.base_model.model.q(x)
     assert again.shape == direct.shape == (*shape, N)
     assert torch.equal(again, first) and torch.equal(direct, first)
@@ -104,11 +104,11 @@ def test_plans_survive_model_forwards(backend):
     x = torch.randn(2, 3, K)
     with torch.no_grad():
         fm(x)
-        plans = [fm.base_model.model.q._fast, fm.base_model.model.o._fast]
+        plans = [fm.base_model.model.q.bank.plan, fm.base_model.model.o.bank.plan]
         assert all(p is not None for p in plans)
         for _ in range(3):
             fm(x)
-        assert [fm.base_model.model.q._fast, fm.base_model.model.o._fast] == plans
+        assert [fm.base_model.model.q.bank.plan, fm.base_model.model.o.bank.plan] == plans
         assert all(p(torch.randn(1, p_in)) is not None for p, p_in in zip(plans, (K, N), strict=True))
 
 
@@ -118,7 +118,7 @@ def test_replaced_modules_and_assigned_state_dicts_are_seen(backend):
     x = torch.randn(2, K)
     with torch.no_grad():
         layer(x)
-        plan = layer._fast
+        plan = layer.bank.plan
         nn.Linear(3, 3)  # registrations elsewhere leave the plan alone
         assert plan(x) is not None
         torch.manual_seed(5)
@@ -127,7 +127,7 @@ def test_replaced_modules_and_assigned_state_dicts_are_seen(backend):
             m.base_model.model.q.lora_A["a"] = copy.deepcopy(new_a).requires_grad_(False)
         assert plan(x) is None
         torch.testing.assert_close(layer(x), pm.base_model.model.q(x), atol=ATOL, rtol=1e-5)
-        plan = layer._fast
+        plan = layer.bank.plan
         state = {k: torch.randn_like(v) * 0.3 for k, v in pm.state_dict().items()}
         for m in (pm, fm):  # new Parameter objects, not copies into the old ones
             m.load_state_dict(state, assign=True)
@@ -157,7 +157,7 @@ def test_plan_declines_when_a_gradient_is_needed(backend):
     x = torch.randn(3, K)
     with torch.no_grad():
         layer(x)
-    plan = layer._fast
+    plan = layer.bank.plan
     assert plan is not None
     xg = x.clone().requires_grad_(True)
     assert plan(xg) is None  # grad mode is on and x needs a gradient
@@ -169,7 +169,7 @@ def test_plan_declines_when_a_gradient_is_needed(backend):
     # a trainable adapter parameter also declines the plan
     with torch.no_grad():
         layer(x)
-    plan = layer._fast
+    plan = layer.bank.plan
     layer.lora_A["a"].weight.requires_grad_(True)
     assert plan(x) is None
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_plan_declines_a_replaced_parameter(backend):
     x = torch.randn(2, K)
     with torch.no_grad():
         layer(x)
-        plan = layer._fast
+        plan = layer.bank.plan
         new = torch.randn(N, 4) * 0.2
         for m in (pm, fm):
             m.base_model.model.q.lora_B["a"].weight = nn.Parameter(new.clone(), requires_grad=False)
@@ -202,13 +202,13 @@ def test_backend_change_retires_plans():
     x = torch.randn(2, K)
     with torch.no_grad():
         layer(x)
-        plan = layer._fast
+        plan = layer.bank.plan
         assert isinstance(plan, fastpath.module.LinearPlan)
         try:
             backends.set_backend("torch")
             assert plan(x) is None  # made under another backend choice
             y = layer(x)
-            assert isinstance(layer._fast, fastpath.PyPlan)
+            assert isinstance(layer.bank.plan, fastpath.PyPlan)
         finally:
             backends.set_backend("auto")
         assert plan(x) is None  # stays retired
@@ -220,7 +220,7 @@ def test_wrong_input_width_raises_like_the_general_path(backend):
     layer = _layer(fm)
     with torch.no_grad():
         layer(torch.randn(2, K))
-        assert layer._fast(torch.randn(2, K + 1)) is None
+        assert layer.bank.plan(torch.randn(2, K + 1)) is None
         with pytest.raises(RuntimeError):
             layer(torch.randn(2, K + 1))
         torch.testing.assert_close(layer(torch.randn(2, K)).shape, torch.Size([2, N]))
@@ -234,7 +234,7 @@ def test_mixed_batch_plans(backend):
         expected = pm(x, adapter_names=names)
         for _ in range(3):  # first call builds the mixed plan, the next ones use it
             torch.testing.assert_close(fm(x, adapter_names=names), expected, atol=ATOL, rtol=1e-5)
-        assert _layer(fm)._fast_mixed
+        assert _layer(fm).bank.mixed_plans
         with fastpeft.mixed_batch(fm, names[:2]):
             torch.testing.assert_close(fm(x[:2]), pm(x[:2], adapter_names=names[:2]), atol=ATOL, rtol=1e-5)
         torch.testing.assert_close(fm(x), pm(x), atol=ATOL, rtol=1e-5)  # back to the active adapter
@@ -245,9 +245,9 @@ def test_copy_and_pickle_of_a_layer_holding_a_plan(backend):
     x = torch.randn(3, K)
     with torch.no_grad():
         y = fm(x)
-        assert _layer(fm)._fast is not None
+        assert _layer(fm).bank.plan is not None
         clone = copy.deepcopy(fm)
-        assert _layer(clone)._fast is None
+        assert _layer(clone).bank.plan is None
         torch.testing.assert_close(clone(x), y, atol=0, rtol=0)
         buf = io.BytesIO()
         torch.save(fm, buf)
@@ -267,7 +267,7 @@ def test_tensor_subclass_inputs(backend):
     x = torch.randn(2, K)
     with torch.no_grad():
         expected = layer(x)
-        plan = layer._fast
+        plan = layer.bank.plan
         xt = x.as_subclass(_Tagged)
         if fastpath.module is not None and isinstance(plan, fastpath.module.LinearPlan):
             assert plan(xt) is None
@@ -283,7 +283,7 @@ def test_without_the_compiled_fast_path_plans_run_in_python(monkeypatch):
     x = torch.randn(3, K)
     with torch.no_grad():
         first = layer(x)
-        assert isinstance(layer._fast, fastpath.PyPlan)
+        assert isinstance(layer.bank.plan, fastpath.PyPlan)
         assert torch.equal(layer(x), first)
         torch.testing.assert_close(first, pm.base_model.model.q(x), atol=ATOL, rtol=1e-5)
 
@@ -296,7 +296,7 @@ def test_scaling_changed_in_place_is_seen(backend):
     x = torch.randn(2, K)
     with torch.no_grad():
         layer(x)
-        plan = layer._fast
+        plan = layer.bank.plan
         for m in (pm, fm):
             m.base_model.model.q.scaling["a"] = 0.37
         assert plan(x) is None

@@ -45,7 +45,7 @@ def many():
 
 def _stack_stats(model):
     layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
-    stack = sum(m._packed["a"].nbytes + m._packed["bt"].nbytes for m in layers)
+    stack = sum(m.bank.a.nbytes + m.bank.bt.nbytes for m in layers)
     own = sum(p.numel() * p.element_size() for m in layers for n in m._adapters for p in m._params_of(n))
     return layers, stack, own
 
@@ -56,10 +56,10 @@ def test_every_adapter_aliases_its_stack_and_memory_ratio(many):
     layers, stack, own = _stack_stats(fm)
     ranks = [_rank(i) for i in range(N_ADAPTERS)]
     for m in layers:
-        a, bt = m._packed["a"], m._packed["bt"]
+        a, bt = m.bank.a, m.bank.bt
         # ranks 1..16 mixed: pages of 4 rank rows (fastpeft.nn.paging), not 200 slots of 16
         assert a.shape[1:] == (4, m.in_features) and a.shape[0] == sum(-(-r // 4) for r in ranks)
-        table = m._page_table
+        table = m.bank.page_table
         assert table.shape == (N_ADAPTERS + 1, 4) and (table[-1] == -1).all()
         flat_a, flat_b = a.view(-1, a.shape[-1]), bt.view(-1, bt.shape[-1])
         for s, n in enumerate(m._adapters):  # parameters are views of the stacks: held once
@@ -70,7 +70,7 @@ def test_every_adapter_aliases_its_stack_and_memory_ratio(many):
             assert m.lora_B[n].weight.data_ptr() == flat_b[pages[0] * 4].data_ptr()
             assert torch.equal(flat_a[pages[0] * 4:pages[0] * 4 + r], m.lora_A[n].weight)
             assert (flat_a[pages[0] * 4 + r:(pages[-1] + 1) * 4] == 0).all()  # the page's tail: zeros
-        assert m._packed["scales"].tolist() == pytest.approx(
+        assert m.bank.scales.tolist() == pytest.approx(
             [m.scaling[n] for n, r in zip(m._adapters, ranks, strict=True) for _ in range(-(-r // 4))])
     padded = sum(-(-r // 4) * 4 for r in ranks) / sum(ranks)  # zero rows only up to a page
     assert stack / own == pytest.approx(padded, rel=1e-6) and stack / own < 1.2
@@ -135,9 +135,9 @@ def test_delete_and_add_repack_and_keep_outputs(many):
         layer = model.get_base_model().model.layers[0].self_attn.q_proj
         # repacked: fewer slots; the new rank-32 adapter takes 8 pages of 4 rows
         slots = N_ADAPTERS - len(deleted) + 1
-        assert layer._page_table.shape == (slots + 1, 8) and layer._packed["a"].shape[1] == 4
-        assert (layer._page_table[layer.slot_of("late")] >= 0).sum() == 8
-        layer._dirty = True  # a fresh pack gives the same result
+        assert layer.bank.page_table.shape == (slots + 1, 8) and layer.bank.a.shape[1] == 4
+        assert (layer.bank.page_table[layer.slot_of("late")] >= 0).sum() == 8
+        layer.bank.mark_stale()  # a fresh pack gives the same result
         torch.testing.assert_close(got, logits(model, kw), atol=ATOL, rtol=1e-5)
 
 
@@ -187,8 +187,8 @@ def test_keep_adapters_on_cpu_lru_bookkeeping_and_outputs():
     layer = handle.layers[0][1]
     assert all(p.device.type == "cpu" for n in layer._adapters for p in layer._params_of(n))
     fastpeft.optimize.prepare(fm)
-    stack_ids = (id(layer._packed["a"]), layer._packed["a"].shape)
-    assert layer._packed["a"].shape[0] == 3  # 3 device slots, whatever the number of adapters
+    stack_ids = (id(layer.bank.a), layer.bank.a.shape)
+    assert layer.bank.a.shape[0] == 3  # 3 device slots, whatever the number of adapters
 
     def check(n):
         fm.set_adapter(n)
@@ -214,7 +214,7 @@ def test_keep_adapters_on_cpu_lru_bookkeeping_and_outputs():
     assert "a3" in handle.resident_adapters()
     torch.testing.assert_close(logits(fm, kw), logits(ref, kw), atol=ATOL, rtol=1e-5)
     # the stacks were updated in place (compiled graphs / CUDA graphs stay valid)
-    assert (id(layer._packed["a"]), layer._packed["a"].shape) == stack_ids
+    assert (id(layer.bank.a), layer.bank.a.shape) == stack_ids
     with pytest.raises(ValueError, match="max_on_device=3"):
         with fastpeft.mixed_batch(fm, ["a1", "a2", "a4", "a5"]):
             logits(fm, kw)
@@ -262,6 +262,6 @@ def test_many_peft_adapters_then_optimize():
         expected = pm(**kw, adapter_names=names).logits
     fastpeft.optimize(pm)
     layer = pm.get_base_model().model.layers[1].self_attn.v_proj
-    assert isinstance(layer, AdapterLayer) and layer._packed["a"].shape[1] == 4 and layer._page_table.shape == (41, 4)
+    assert isinstance(layer, AdapterLayer) and layer.bank.a.shape[1] == 4 and layer.bank.page_table.shape == (41, 4)
     with torch.no_grad():
         torch.testing.assert_close(pm(**kw, adapter_names=names).logits, expected, atol=ATOL, rtol=1e-5)

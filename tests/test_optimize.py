@@ -146,9 +146,8 @@ def test_lora_params_alias_the_stacks_no_double_memory():
     fastpeft.optimize(pm)
     q = pm.base_model.model.model.layers[0].self_attn.q_proj
     assert q.lora_A["default"].weight is A
-    packed = q._packed
     s = q.slot_of("default")
-    assert A.data_ptr() == packed["a"][s].data_ptr()  # PEFT's parameter now views the stack
+    assert A.data_ptr() == q.bank.a[s].data_ptr()  # PEFT's parameter now views the stack
     # an in-place update (optimizer step) is seen by the fused path without repacking
     kw = inputs()
     with torch.no_grad():
@@ -157,7 +156,7 @@ def test_lora_params_alias_the_stacks_no_double_memory():
     fresh = copy.deepcopy(pm)
     for m in fresh.modules():
         if isinstance(m, AdapterLayer):
-            m._dirty = True
+            m.bank.mark_stale()
     torch.testing.assert_close(got, logits(fresh, kw), atol=ATOL, rtol=1e-5)
 
 

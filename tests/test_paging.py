@@ -109,7 +109,7 @@ def test_paged_layer_matches_peft(backend, dtype):
             again = fm(x)  # the fast path's plan, built by the first call
         torch.testing.assert_close(got, exp, **TOL[dtype])
         assert torch.equal(again, got)
-    assert layer._packed["a"].shape[1] == 4 and layer._page_table is not None
+    assert layer.bank.a.shape[1] == 4 and layer.bank.page_table is not None
     row_names = ["r10", "__base__", "r6", "r0"]
     with torch.no_grad():
         exp = pm(x.repeat(4, 1, 1)[:4], adapter_names=row_names)
@@ -134,12 +134,12 @@ def test_paged_and_unpaged_stacks_agree(backend):
     old = paging.PAGE_SLACK
     paging.PAGE_SLACK = 100.0  # padding always acceptable: one page per adapter
     try:
-        layer._dirty = True
+        layer.bank.mark_stale()
         with torch.no_grad():
             plain = layer(x)
             with fastpeft.mixed_batch(fm, ["r10", "r1", "__base__", "r6", "r10", "r3"]):
                 plain_mixed = layer(x)
-        assert layer._page_table is None and layer._packed["a"].shape[:2] == (len(RANKS), 34)
+        assert layer.bank.page_table is None and layer.bank.a.shape[:2] == (len(RANKS), 34)
     finally:
         paging.PAGE_SLACK = old
     torch.testing.assert_close(paged, plain, atol=1e-5, rtol=1e-5)
@@ -158,8 +158,8 @@ def test_inplace_update_is_seen_and_training_works():
         for m in (pm, fm):  # an optimizer-style in-place step on the adapter's weights
             dict(m.named_parameters())["base_model.model.q.lora_B.r6.weight"].add_(0.5)
         torch.testing.assert_close(fm(x), pm(x), atol=1e-5, rtol=1e-5)
-    assert layer._page_table is not None
-    a = layer._packed["a"].view(-1, K)
+    assert layer.bank.page_table is not None
+    a = layer.bank.a.view(-1, K)
     assert any(layer.lora_A["r6"].weight.data_ptr() == a[i].data_ptr() for i in range(a.shape[0]))
     # a few steps of training on one adapter: gradients flow, the loss falls, the fused
     # inference path then sees the trained weights without a repack
@@ -181,12 +181,12 @@ def test_inplace_update_is_seen_and_training_works():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     fm.eval()
-    stacks = layer._packed["a"]
+    stacks = layer.bank.a
     with torch.no_grad():
         got = fm(x)
-        exp = layer._forward_composite(x, ["r6"])
+        exp = layer._forward_unfused(x, ["r6"])
     torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
-    assert layer._packed["a"] is stacks  # no repack: the parameters are the stacks' rows
+    assert layer.bank.a is stacks  # no repack: the parameters are the stacks' rows
 
 
 # ----- what CUDA graphs read ---------------------------------------------------------------------------
@@ -196,11 +196,11 @@ def test_page_tensors_are_updated_in_place():
     x = torch.randn(3, 2, K)
     with torch.no_grad():
         fm(x)
-    act = layer._active_pages
+    act = layer.bank.active_pages
     ptr = act.data_ptr()
     for n in ("r10", "r3", "r6"):
         fm.base_model.set_adapter(n)
-        assert layer._active_pages is act and act.data_ptr() == ptr
+        assert layer.bank.active_pages is act and act.data_ptr() == ptr
         assert layer.token_slots(6, 3) is act
         pages = act[0][act[0] >= 0].tolist()
         assert len(pages) == -(-RANKS[NAMES.index(n)] // 4)
@@ -210,7 +210,7 @@ def test_page_tensors_are_updated_in_place():
     with fastpeft.mixed_batch(fm, ["r1", "__base__", "r10"]):
         got = layer.token_slots(6, 3)
         assert got is ts and got.data_ptr() == ts_ptr
-        table = layer._page_table
+        table = layer.bank.page_table
         exp = torch.cat([table[layer.slot_of(n)].expand(2, -1) for n in ["r1", "__base__", "r10"]])
         assert torch.equal(got, exp)
 
@@ -222,7 +222,7 @@ def test_layer_goes_unpaged_and_back():
     x = torch.randn(4, K)
     with torch.no_grad():
         fm(x)
-    assert layer._page_table is not None
+    assert layer.bank.page_table is not None
     for n in NAMES[:-2]:
         pm.delete_adapter(n)
         fm.delete_adapter(n)
@@ -232,7 +232,7 @@ def test_layer_goes_unpaged_and_back():
         fm.base_model.set_adapter(n)
         with torch.no_grad():
             torch.testing.assert_close(fm(x), pm(x), atol=1e-5, rtol=1e-5)
-        assert layer._page_table is None and layer._active_pages is None
+        assert layer.bank.page_table is None and layer.bank.active_pages is None
     for i in range(6):  # many small adapters again: paged
         cfg = dict(r=1 + i % 3, lora_alpha=3, target_modules=["q"], init_lora_weights=False)
         pm.add_adapter(f"s{i}", peft.LoraConfig(**cfg))
@@ -243,7 +243,7 @@ def test_layer_goes_unpaged_and_back():
         fm.base_model.set_adapter(n)
         with torch.no_grad():
             torch.testing.assert_close(fm(x), pm(x), atol=1e-5, rtol=1e-5)
-        assert layer._page_table is not None
+        assert layer.bank.page_table is not None
 
 
 def test_dora_layers_stay_unpaged():
@@ -256,7 +256,7 @@ def test_dora_layers_stay_unpaged():
     with torch.no_grad():
         fm(torch.randn(2, K))
     layer = _layer(fm)
-    assert layer._page_table is None and layer._packed["a"].shape[:2] == (11, 32)
+    assert layer.bank.page_table is None and layer.bank.a.shape[:2] == (11, 32)
 
 
 def test_offloaded_layer_is_unpaged_and_correct():
@@ -273,7 +273,7 @@ def test_offloaded_layer_is_unpaged_and_correct():
         fm.base_model.set_adapter(n)
         with torch.no_grad():
             torch.testing.assert_close(fm(x), pm(x), atol=1e-5, rtol=1e-5)
-        assert layer._page_table is None and layer._active_pages is None
+        assert layer.bank.page_table is None and layer.bank.active_pages is None
 
 
 def test_paged_layer_on_4bit_base_matches_peft(monkeypatch):
@@ -307,7 +307,7 @@ def test_paged_layer_on_4bit_base_matches_peft(monkeypatch):
         fm.set_adapter(n)
         torch.testing.assert_close(logits(fm, kw), logits(pm, kw), **tol)
     layer = fm.base_model.model.model.layers[0].self_attn.q_proj
-    assert layer.kind == "quant" and layer._page_table is not None
+    assert layer.kind == "quant" and layer.bank.page_table is not None
     names = ["r10", "__base__", "r6"]
     with torch.no_grad():
         torch.testing.assert_close(fm(**kw, adapter_names=names).logits, pm(**kw, adapter_names=names).logits, **tol)
@@ -323,7 +323,7 @@ def test_paged_layer_under_torch_compile_no_recompile():
     pm, fm = _models()
     model = fm.get_base_model()
     fastpeft.optimize.prepare(model)
-    assert _layer(fm)._page_table is not None
+    assert _layer(fm).bank.page_table is not None
     x = torch.randn(4, 3, K)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     try:
@@ -377,7 +377,7 @@ def test_paged_adalora_layer_matches_peft():
         with torch.no_grad():
             torch.testing.assert_close(fm(x), pm(x), atol=1e-5, rtol=1e-5)
     layer = _layer(fm)
-    assert type(layer).__name__ == "AdaLoraLinear" and layer._page_table is not None
+    assert type(layer).__name__ == "AdaLoraLinear" and layer.bank.page_table is not None
     with torch.no_grad():
         for m in (pm, fm):  # an in-place change of E is seen (the copy in the stacks is rebuilt)
             dict(m.named_parameters())["base_model.model.q.lora_E.s0"].mul_(-2.0)
@@ -395,7 +395,7 @@ def test_cuda_graph_of_a_paged_layer_follows_set_adapter_and_mixed_batch():
     x = torch.randn(4, 3, K, device="cuda")
     with torch.no_grad():
         fm(x)
-        assert layer._page_table is not None and layer._page_table.is_cuda
+        assert layer.bank.page_table is not None and layer.bank.page_table.is_cuda
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -444,7 +444,7 @@ def test_compiled_model_after_the_layer_goes_unpaged():
             for m in (pm, fm):
                 m.set_adapter("r11")
             fastpeft.optimize.prepare(model)
-            assert _layer(fm)._page_table is None
+            assert _layer(fm).bank.page_table is None
             torch.testing.assert_close(compiled(x), pm(x), atol=1e-5, rtol=1e-5)
         assert counters["stats"]["unique_graphs"] == 2
     finally:

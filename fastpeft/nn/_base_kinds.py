@@ -7,15 +7,9 @@ from .._optional import transformers_conv1d
 from ..quant.layers import has_bnb_forward, is_quantized_linear
 
 
-def _is_quantized(module: nn.Module) -> bool:
-    """A bitsandbytes Linear4bit / Linear8bitLt or a subclass (LinearNF4, LinearFP4, ...): the
-    one rule of fastpeft/quant/layers.py, so layers and the quantized path agree."""
-    return is_quantized_linear(module)
-
-
 def base_kind(module: nn.Module) -> str:
     """"linear", "conv1d", "embedding", "quant" or "other" for an adaptable base module."""
-    if _is_quantized(module):
+    if is_quantized_linear(module):  # bitsandbytes 4/8-bit and subclasses: quant/layers.py's one rule
         return "quant"
     conv1d = transformers_conv1d()
     if conv1d is not None and isinstance(module, conv1d):
@@ -38,7 +32,7 @@ def fused_forward_ok(module: nn.Module) -> bool:
     t = type(module)
     ok = _fused_ok.get(t)
     if ok is None:
-        if _is_quantized(module):
+        if is_quantized_linear(module):
             ok = has_bnb_forward(module)
         else:  # (a Conv1D instance exists only once transformers is loaded, so caching False is safe)
             ok = t is nn.Linear or t is nn.Embedding or t is transformers_conv1d()

@@ -1,13 +1,11 @@
-"""Shared machinery of every adapter layer: which adapters are active, slots, mixed batches.
+"""Shared machinery of every adapter layer: which adapters exist and are active, and which
+adapters a call applies to which rows (the active ones, or a mixed batch's names per row).
 
 An adapter layer wraps a ``base_layer`` (PEFT's attribute name, so state-dict keys match) and
-holds any number of named adapters. Each adapter occupies a *slot*: its index in the layer's
-stacked tensors, which is what the fused operators index. Per call the layer hands the
-operator a ``token_slots`` tensor [M or 1, J] (J adapters per row, -1 = none):
-
-* one or several active adapters: one row ``[[slot_a, slot_b, ...]]`` that broadcasts;
-* a mixed batch (``mixed_batch(model, names)``): one slot per row, repeated over the
-  sequence positions of each batch row.
+holds any number of named adapters, with PEFT's parameter names. Its storage for the fused
+operators (stacks, slot tensors, caches) is its ``bank`` (:mod:`fastpeft.nn.bank`,
+:mod:`fastpeft.nn.slots`); the layer turns its state into the bank's slot tensors on every state
+change, and a forward hands the operator the bank's ``token_slots``.
 """
 from __future__ import annotations
 
@@ -16,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from .slots import SlotTable, rows_per_name
 
 
 def packs_outside_inference_mode(pack):
@@ -37,14 +37,16 @@ BASE_NAMES = ("__base__", None)
 
 
 class AdapterLayer(nn.Module):
-    """Base class: bookkeeping of adapters, active set, enable/disable, merge state, slots.
+    """Base class: bookkeeping of adapters, active set, enable/disable, merge state, selection.
 
     Subclasses define ``adapter_param_dicts`` (names of the ModuleDict/ParameterDicts holding
-    per-adapter parameters, PEFT's names) and implement ``add_adapter``, ``_pack`` and the
-    forward (and ``_remove`` when they hold more than those dicts).
+    per-adapter parameters, PEFT's names), ``bank_class`` (their storage, :mod:`fastpeft.nn.bank`)
+    and implement ``add_adapter`` and ``_forward`` (and ``_remove`` when they hold more than
+    those dicts). The slot order, slot tensors and caches live in ``self.bank``.
     """
 
     adapter_param_dicts: tuple[str, ...] = ()
+    bank_class: type = SlotTable
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -52,31 +54,16 @@ class AdapterLayer(nn.Module):
         self._init_adapter_state()
 
     def _init_adapter_state(self) -> None:
-        self._adapters: list[str] = []  # slot order
+        self.bank = self.bank_class()
         self._active: list[str] = []
         self._disabled = False
         self.merged_adapters: list[str] = []
-        self._mixed: tuple | None = None
-        self._stale = True
-        self._slots_cache: dict = {}
-        # Slot tensors kept current by every state change (set_adapter, mixed_batch, add, delete,
-        # move), so a forward only reads them: under torch.compile they are graph inputs, and
-        # switching between loaded adapters re-uses the compiled graph.
-        self._active_slots: Tensor | None = None  # [1, J] int32, -1 where this layer has none
-        self._row_slots: Tensor | None = None  # [len(mixed names)] int32 while in a mixed batch
-        self._row_bufs: dict = {}  # number of names -> the memory _row_slots lives in
-        self._row_buf_names: dict = {}  # number of names -> the names whose slots it holds
-        self._row_slots_cache: dict = {}  # names tuple -> row slots
-        self._fast = None  # eager fast-path plan of the subclass (None: rebuild on next forward)
-        self._fast_mixed: dict = {}  # the same for mixed batches, per names tuple
+        self._mixed_names: tuple | None = None  # adapter name per batch row in a mixed batch
 
-    def __getstate__(self):
-        # copies and pickles start without fast-path plans (the C++ plans can be neither, and
-        # a plan is only a cache: the first forward builds it again)
-        state = super().__getstate__().copy()
-        state["_fast"] = None
-        state["_fast_mixed"] = {}
-        return state
+    @property
+    def _adapters(self) -> list[str]:
+        """The adapters in slot order (the bank's list)."""
+        return self.bank.names
 
     # Flags whose change must drop the eager fast-path plan.
     @property
@@ -86,65 +73,13 @@ class AdapterLayer(nn.Module):
     @disable_adapters.setter
     def disable_adapters(self, value: bool) -> None:
         self._disabled = bool(value)
-        self._invalidate()
+        self.bank.drop_plans()
 
-    @property
-    def _dirty(self) -> bool:
-        """True when the packed stacks must be rebuilt before the next fused forward."""
-        return self._stale
-
-    @_dirty.setter
-    def _dirty(self, value: bool) -> None:
-        self._stale = bool(value)
-        if value:
-            self._fast = None
-            self._fast_mixed = {}
-
-    @property
-    def _mixed_names(self) -> tuple | None:
-        """Adapter name per batch row while in a mixed batch (``mixed_batch``), else None."""
-        return self._mixed
-
-    @_mixed_names.setter
-    def _mixed_names(self, names) -> None:
-        # entering / leaving a mixed batch only swaps the row-slot tensor (cached per names);
-        # the fast-path plans stay (one for the active adapters, one per mixed names tuple)
+    def set_mixed_names(self, names) -> None:
+        """Enter a mixed batch (``names``: one adapter name per batch row) or leave it (None)."""
         names = None if names is None else tuple(names)
-        self._mixed = names
-        if names is None:
-            self._row_slots = None  # the buffers and the row caches stay for the next batch
-            return
-        n = len(names)
-        buf = self._row_bufs.get(n)  # one stable buffer per number of names (CUDA graphs)
-        if buf is not None and names == self._row_buf_names.get(n):
-            self._row_slots = buf  # the same names again (PEFT passes them on every forward)
-            return
-        rs = self._row_slots_cache.get(names)
-        if rs is None:
-            rs = torch.tensor([self.slot_of(m) for m in names], dtype=torch.int32, device=self._slot_device())
-            if len(self._row_slots_cache) > 64:
-                self._row_slots_cache.clear()
-            self._row_slots_cache[names] = rs
-        if buf is not None and buf.device == rs.device and not buf.is_inference():
-            buf.copy_(rs)
-            # the per-shape slots derived from this buffer are refreshed in place too: a CUDA
-            # graph captured in an earlier mixed batch of this size reads them
-            for key, ts in list(self._slots_cache.items()):
-                if key[0] == n:
-                    try:
-                        ts.copy_(self._derive_slots(buf, key[1], key[2]))
-                    except (ValueError, RuntimeError):
-                        del self._slots_cache[key]
-        else:
-            buf = self._row_bufs[n] = rs.clone()
-            for key in [k for k in self._slots_cache if k[0] == n]:
-                del self._slots_cache[key]
-        self._row_slots = buf
-        self._row_buf_names[n] = names
-
-    def _invalidate(self) -> None:
-        self._fast = None
-        self._fast_mixed = {}
+        self._mixed_names = names
+        self.bank.select_rows(self, names)
 
     def _slot_device(self) -> torch.device:
         w = getattr(self.get_base_layer(), "weight", None)
@@ -155,25 +90,8 @@ class AdapterLayer(nn.Module):
         return torch.device("cpu")
 
     def _refresh_slots(self) -> None:
-        """Recompute ``_active_slots`` / ``_row_slots`` from the names (cheap; no packing)."""
-        device = self._slot_device()
-        # one column per active name (-1 where this layer does not hold it; [[-1]] when none is
-        # active): the shape depends only on how many adapters are active, so compiled graphs
-        # and CUDA graphs survive set_adapter between sets of the same size. Updated in place
-        # when the shape allows (a captured CUDA graph reads the same memory).
-        slots = [self.slot_of(a) for a in self._active] or [-1]
-        new = torch.tensor([slots], dtype=torch.int32, device=device)
-        old = self._active_slots
-        if old is not None and old.shape == new.shape and old.device == new.device and not old.is_inference():
-            old.copy_(new)
-        else:
-            self._active_slots = new
-        self._row_slots_cache.clear()
-        self._row_buf_names = {}
-        if self._row_bufs and next(iter(self._row_bufs.values())).device != device:
-            self._row_bufs, self._slots_cache = {}, {}  # moved: new buffers on the new device
-        self._invalidate()
-        self._mixed_names = self._mixed  # recompute the row slots (slot order may have changed)
+        """Recompute the bank's slot tensors from the names (cheap; no packing)."""
+        self.bank.refresh(self)
 
     # PEFT's tuner layers expose the base layer's weight and bias (model code reads them,
     # e.g. T5 checks ``self.wo.weight.dtype``)
@@ -187,6 +105,15 @@ class AdapterLayer(nn.Module):
 
     def get_base_layer(self) -> nn.Module:
         return self.base_layer
+
+    # ----- selection: which adapters a call applies, to which rows ------------------------------
+    def forward(self, x: Tensor, *args, **kwargs):
+        if kwargs and "adapter_names" in kwargs:
+            return self._forward_with_row_names(x, args, kwargs)
+        return self._forward(x, *args, **kwargs)
+
+    def _forward(self, x: Tensor, *args, **kwargs):
+        raise NotImplementedError
 
     def _adapters_to_run(self, container) -> list | None:
         """The adapters (of those in ``container``) this forward applies, in order, or None when
@@ -204,6 +131,38 @@ class AdapterLayer(nn.Module):
         if self.merged:
             return None
         return [n for n in self.active_adapters if n in container]
+
+    def _rows_per_name(self, batch: int, n: int | None = None) -> int:
+        """Batch rows per mixed-batch name (1, or k when generation repeated each row k times).
+        ``n``: the number of names (default: the mixed batch's). Raises for a batch whose
+        length does not fit the names."""
+        return rows_per_name(len(self._mixed_names) if n is None else n, batch, type(self).__name__)
+
+    def _row_names(self, batch: int) -> tuple:
+        """The mixed batch's adapter name of each of the ``batch`` rows (validated, expanded)."""
+        k = self._rows_per_name(batch)
+        names = self._mixed_names
+        return names if k == 1 else tuple(n for n in names for _ in range(k))
+
+    def _row_groups(self, batch: int, names) -> list:
+        """``[(name, row indices)]`` of a mixed batch of ``batch`` rows, for ``names``."""
+        row_names = self._row_names(batch)  # validated, expanded for beams
+        return [(n, [i for i, m in enumerate(row_names) if m == n]) for n in names]
+
+    def token_slots(self, rows: int, batch: int) -> Tensor | None:
+        """The bank's ``token_slots`` (:meth:`fastpeft.nn.slots.SlotTable.token_slots`)."""
+        return self.bank.token_slots(rows, batch)
+
+    def _forward_with_row_names(self, x: Tensor, args: tuple, kwargs: dict):
+        """PEFT's layer-level ``forward(x, adapter_names=[...])`` (PEFT's forward hooks pass it to
+        every layer for ``model(..., adapter_names=...)``): this call as a mixed batch."""
+        names = kwargs.pop("adapter_names")
+        previous = self._mixed_names
+        self.set_mixed_names(None if names is None else ["__base__" if n is None else n for n in names])
+        try:
+            return self.forward(x, *args, **kwargs)
+        finally:
+            self.set_mixed_names(previous)
 
     # ----- names and slots -------------------------------------------------------------------
     @property
@@ -224,10 +183,7 @@ class AdapterLayer(nn.Module):
         return bool(self.merged_adapters)
 
     def slot_of(self, name) -> int:
-        try:
-            return self._adapters.index(name)
-        except ValueError:
-            return -1
+        return self.bank.slot_of(name)
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         """Make ``names`` the active adapters (their deltas add up). Unknown names are
@@ -316,9 +272,10 @@ class AdapterLayer(nn.Module):
             if name in d:
                 del d[name]
         self._remove(name)
+        self.bank.forget(name)
         self._adapters.remove(name)
         self._active = [a for a in self._active if a != name]
-        self._dirty = True
+        self.bank.mark_stale()
         self._refresh_slots()
 
     def _remove(self, name: str) -> None:
@@ -328,13 +285,14 @@ class AdapterLayer(nn.Module):
         if name in self._adapters:
             raise ValueError(f"adapter {name!r} already exists in {type(self).__name__}")
         self._adapters.append(name)
-        self._dirty = True
+        self.bank.mark_stale()
         self._refresh_slots()
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .half() / .cuda() replace parameter storage: the packed stacks must be rebuilt
-        self._dirty = True
+        # .to() / .half() / .cuda() replace parameter storage: the stacks must be rebuilt
+        self.bank.mark_stale()
         out = super()._apply(fn, *args, **kwargs)
+        self.bank.after_move(self)
         self._refresh_slots()  # the slot tensors follow the base weight's device
         return out
 
@@ -342,73 +300,8 @@ class AdapterLayer(nn.Module):
         # the plans are dropped (dropout now applies or not); the stacks stay: parameters
         # replaced or written while training are found by the staleness checks of the next
         # fused forward, so eval() after training costs no repack of hundreds of adapters
-        self._invalidate()
+        self.bank.drop_plans()
         return super().train(mode)
-
-    # ----- token_slots ----------------------------------------------------------------------
-    def _rows_per_name(self, batch: int, n: int | None = None) -> int:
-        """Batch rows per mixed-batch name: 1, or k when generation repeated each row k times
-        (beam search, ``num_return_sequences``: Transformers repeats rows consecutively).
-        ``n``: the number of names (default: ``len(self._mixed)``)."""
-        if n is None:
-            n = len(self._mixed)
-        if n == batch:
-            return 1
-        if n == 0 or batch % n:
-            raise ValueError(
-                f"mixed batch: got {n} adapter names for a batch of {batch} rows in "
-                f"{type(self).__name__}; pass one name per batch row"
-            )
-        return batch // n
-
-    def _row_names(self, batch: int) -> tuple:
-        """The mixed batch's adapter name of each of the ``batch`` rows (validated, expanded)."""
-        k = self._rows_per_name(batch)
-        names = self._mixed
-        return names if k == 1 else tuple(n for n in names for _ in range(k))
-
-    def token_slots(self, rows: int, batch: int, device=None) -> Tensor | None:
-        """[1, J] for the active adapters (-1 where this layer does not hold one), or [rows, 1]
-        for a mixed batch.
-
-        ``batch`` is the size of the input's first dimension; a mixed batch has one name per
-        batch row (or per group of ``batch // len(names)`` consecutive rows, as generation with
-        beams repeats them), repeated over the ``rows // batch`` positions of that row. The
-        result is built from the slot tensors kept by every state change; no Python list is
-        turned into a tensor here, so the call traces under ``torch.compile``.
-        """
-        rs = self._row_slots
-        if rs is None:
-            return self._active_slots
-        if torch.compiler.is_compiling():
-            return self._derive_slots(rs, rows, batch)
-        key = (rs.shape[0], rows, batch)
-        ts = self._slots_cache.get(key)
-        if ts is None:
-            ts = self._derive_slots(rs, rows, batch).contiguous()
-            if len(self._slots_cache) > 64:
-                self._slots_cache.clear()
-            self._slots_cache[key] = ts
-        return ts
-
-    def _derive_slots(self, rs: Tensor, rows: int, batch: int) -> Tensor:
-        """[rows, 1] slots from the per-name slots ``rs``: each name covers ``batch // len(rs)``
-        consecutive batch rows, each batch row ``rows // batch`` consecutive rows of x."""
-        k = self._rows_per_name(batch, rs.shape[0])  # a shape, not the names: no guard on them
-        per_row = rs if k == 1 else rs.repeat_interleave(k)
-        per = rows // batch if batch else 1
-        return (per_row if per == 1 else per_row.repeat_interleave(per)).unsqueeze(1)
-
-    def _forward_with_row_names(self, x: Tensor, args: tuple, kwargs: dict):
-        """PEFT's layer-level ``forward(x, adapter_names=[...])`` (PEFT's forward hooks pass it to
-        every layer for ``model(..., adapter_names=...)``): this call as a mixed batch."""
-        names = kwargs.pop("adapter_names")
-        previous = self._mixed
-        self._mixed_names = None if names is None else ["__base__" if n is None else n for n in names]
-        try:
-            return self.forward(x, *args, **kwargs)
-        finally:
-            self._mixed_names = previous
 
 
 def find_adapter_layers(model: nn.Module):

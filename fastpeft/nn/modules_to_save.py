@@ -44,12 +44,9 @@ class ModulesToSaveWrapper(AdapterLayer):
         if self.disable_adapters:
             return self.original_module(x, *args, **kwargs)
         if mixed is not None:
-            row_names = self._row_names(x.shape[0])  # validated, expanded for beams
+            groups = self._row_groups(x.shape[0], [n for n in dict.fromkeys(mixed) if n in self.modules_to_save])
             result = self.original_module(x, *args, **kwargs)
-            for n in dict.fromkeys(mixed):
-                if n not in self.modules_to_save:
-                    continue
-                rows = [i for i, m in enumerate(row_names) if m == n]
+            for n, rows in groups:
                 result[rows] = self.modules_to_save[n](x[rows], *args, **kwargs).to(result.dtype)
             return result
         act = [a for a in self.active_adapters if a in self.modules_to_save]
