@@ -17,7 +17,12 @@ step is memory-bound and its time wobbles with other processes' memory traffic, 
 pair of columns leaves out. Medians of ``time.perf_counter`` over many calls after warm-up,
 all variants timed round-robin.
 
-Writes bench/results/cpp_ops_<date>.csv (device, date, commit) and prints a table.
+Rows through bench/common.py's ``Bench`` (its columns: device, date, commit, bench, shape,
+tokens, adapters, mixed, rank, dtype, method, mode, median_us, ratio = time / base; then
+``case`` (decode-1, ...), K, N, torch_version, ``vs_peft`` = time / PEFT's layer and
+``vs_torch`` = time / the same work under the torch backend): one row per method, methods
+base, peft, torch, cpp, native, lora:torch, lora:cpp. Appended to
+bench/results/cpp_ops_<date>_<threads>t.csv; a line per case as it runs, the table, a plot.
 
     python bench/bench_cpp_ops.py            # all shapes, fp32 + bf16
     python bench/bench_cpp_ops.py --quick    # one small shape (smoke test)
@@ -27,8 +32,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import platform
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -44,7 +47,7 @@ import fastpeft.ops as fops  # noqa: E402
 from fastpeft import _ext  # noqa: E402
 from fastpeft.ops import reference  # noqa: E402
 
-from common import bar_plot, interleaved_medians_us, sweep, write_csv  # noqa: E402  (bench/common.py)
+from common import Bench, bar_plot, dtype_name, interleaved_medians_us, sweep  # noqa: E402  (bench/common.py)
 
 SHAPES = {  # name: (K, N)
     "llama7b.q_proj 4096x4096": (4096, 4096),
@@ -59,23 +62,6 @@ MODES = {  # name: (rows, adapters, per-row slots?)
     "prefill-128": (128, 1, False),
 }
 RANK = 16
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def make_peft_layer(inp, S, dtype):
@@ -115,12 +101,19 @@ def make_inputs(M, K, N, S, per_row, dtype, seed=0):
     return (x, w, b, a, bt, sc, ts, None, None, None)
 
 
+# methods -> key of the timing; the torch-backend counterpart of each (vs_torch)
+METHODS = {"base": "base", "peft": "peft", "torch": "torch", "cpp": "cpp", "native": "native",
+           "lora:torch": "lora_torch", "lora:cpp": "lora_cpp"}
+SAME_WORK_ON_TORCH = {"torch": "torch", "cpp": "torch", "native": "torch", "lora:torch": "lora_torch",
+                      "lora:cpp": "lora_torch"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one small shape, short timings")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--out", default=None, help="CSV path (default bench/results/cpp_ops_<date>.csv)")
+    ap.add_argument("--out", default=None, help="CSV path (default bench/results/cpp_ops_<date>_<threads>t.csv)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG")
     args = ap.parse_args()
     if not _ext.available():
@@ -135,22 +128,17 @@ def main() -> int:
     shrink_expand = torch.ops.fastpeft.native_lora_shrink_expand.default
     routed = torch.ops.fastpeft.adapter_linear
 
-    meta = dict(
-        device=f"cpu: {cpu_name()} ({torch.get_num_threads()} threads)",
-        date=dt.datetime.now().isoformat(timespec="seconds"),
-        commit=commit(),
-        torch=torch.__version__,
-    )
-    rows = []
+    bench = Bench("cpp_ops", args, stem=f"cpp_ops_{dt.date.today().isoformat()}_{torch.get_num_threads()}t", device="cpu")
+    print(f"{bench.device_label}, torch {torch.__version__}, commit {bench.commit}")
     print(
-        f"{'shape':28s} {'mode':11s} {'dtype':8s} | {'base':>9s} {'peft':>9s} {'torch':>9s} {'cpp':>9s} {'native':>9s}"
+        f"{'shape':28s} {'case':11s} {'dtype':8s} | {'base':>9s} {'peft':>9s} {'torch':>9s} {'cpp':>9s} {'native':>9s}"
         f" {'vsTorch':>7s} {'vsPEFT':>7s} |"
         f" {'lora:torch':>8s} {'cpp':>8s} {'speedup':>7s}   (us, medians)"
     )
     before = fops.get_backend()
     try:
         for shape_name, (K, N) in sweep(shapes.items(), "shapes"):
-            for mode, (M, S, per_row) in MODES.items():
+            for case, (M, S, per_row) in MODES.items():
                 for dtype in dtypes:
                     inp = make_inputs(M, K, N, S, per_row, dtype)
                     x, w, _, a, bt, sc, ts = inp[:7]
@@ -178,52 +166,39 @@ def main() -> int:
                     fops.set_backend("torch")
                     tol = 1e-3 if dtype == torch.float32 else 1e-1  # bf16: a few ulps of |y| ~ 4
                     torch.testing.assert_close(native(*inp), routed(*inp), rtol=tol, atol=tol)
-                    rows.append(
-                        dict(
-                            meta,
-                            shape=shape_name,
-                            mode=mode,
-                            M=M,
-                            K=K,
-                            N=N,
-                            rank=RANK,
-                            adapters=S,
-                            dtype=str(dtype).replace("torch.", ""),
-                            base_us=round(t["base"], 1),
-                            peft_us=round(t["peft"], 1) if "peft" in t else "",
-                            torch_us=round(t["torch"], 1),
-                            cpp_us=round(t["cpp"], 1),
-                            native_us=round(t["native"], 1),
-                            speedup_cpp_vs_torch=round(t["torch"] / t["cpp"], 3),
-                            speedup_cpp_vs_peft=round(t["peft"] / t["cpp"], 3) if "peft" in t else "",
-                            lora_torch_us=round(t["lora_torch"], 1),
-                            lora_cpp_us=round(t["lora_cpp"], 1),
-                            lora_speedup=round(t["lora_torch"] / t["lora_cpp"], 3),
-                        )
-                    )
-                    r = rows[-1]
+                    keys = dict(shape=shape_name, tokens=M, adapters=S, mixed=per_row, rank=RANK, dtype=dtype_name(dtype))
+                    for method, key in METHODS.items():
+                        if key not in t:
+                            continue
+                        peft_ref = t.get("peft") if not method.startswith("lora:") else None
+                        torch_ref = t.get(SAME_WORK_ON_TORCH.get(method, ""))
+                        bench.add(**keys, method=method, median_us=round(t[key], 1), case=case, K=K, N=N,
+                                  torch_version=torch.__version__,
+                                  vs_peft=round(t[key] / peft_ref, 4) if peft_ref else "",
+                                  vs_torch=round(t[key] / torch_ref, 4) if torch_ref else "")
                     print(
-                        f"{shape_name:28s} {mode:11s} {r['dtype']:8s} | {r['base_us']:9.1f} {t.get('peft', math.nan):9.1f} "
-                        f"{r['torch_us']:9.1f} {r['cpp_us']:9.1f} {r['native_us']:9.1f} {r['speedup_cpp_vs_torch']:6.2f}x "
+                        f"{shape_name:28s} {case:11s} {keys['dtype']:8s} | {t['base']:9.1f} {t.get('peft', math.nan):9.1f} "
+                        f"{t['torch']:9.1f} {t['cpp']:9.1f} {t['native']:9.1f} {t['torch'] / t['cpp']:6.2f}x "
                         f"{t.get('peft', math.nan) / t['cpp']:6.2f}x | "
-                        f"{r['lora_torch_us']:8.1f} {r['lora_cpp_us']:8.1f} {r['lora_speedup']:6.2f}x",
+                        f"{t['lora_torch']:8.1f} {t['lora_cpp']:8.1f} {t['lora_torch'] / t['lora_cpp']:6.2f}x",
                         flush=True,
                     )
     finally:
         fops.set_backend(before)
 
-    default = f"cpp_ops_{dt.date.today().isoformat()}_{torch.get_num_threads()}t.csv"
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / default
-    write_csv(rows, str(out))
-    print(f"\n{meta['device']}, torch {meta['torch']}, commit {meta['commit']}; wrote {out}")
-    if not args.no_plot:
-        groups = [f"{r['shape']} {r['mode']} {r['dtype']}" for r in rows]
-        series = {m: [r[f"{m}_us"] / r["base_us"] if r[f"{m}_us"] != "" else None for r in rows]
-                  for m in ("peft", "torch", "cpp", "native")}
-        png = bar_plot(str(out.with_suffix(".png")), f"adapted linear / base, {meta['device']}", groups, series,
-                       "time / base (lower is better)")
-        print(f"plot -> {png}")
+    bench.finish(ratio_to="base", table_columns=["shape", "case", "dtype", "method", "median_us", "ratio", "vs_peft",
+                                                 "vs_torch"],
+                 plot=lambda rows, path: plot(rows, path, bench.device_label))
     return 0
+
+
+def plot(rows: list, path: str, device: str) -> str:
+    """Time over the base layer's per method (peft, torch, cpp, native) and case, as grouped bars."""
+    cases = list(dict.fromkeys((r["shape"], r["case"], r["dtype"]) for r in rows))
+    ratio = {(r["shape"], r["case"], r["dtype"], r["method"]): r["ratio"] for r in rows}
+    series = {m: [ratio.get((*c, m)) or None for c in cases] for m in ("peft", "torch", "cpp", "native")}
+    return bar_plot(path, f"adapted linear / base, cpu: {device}", [" ".join(c) for c in cases], series,
+                    "time / base (lower is better)")
 
 
 if __name__ == "__main__":

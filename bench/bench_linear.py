@@ -193,7 +193,7 @@ def main():
             tune_section(bench, cfg, timed)
     finally:  # the rows measured so far are written even when a later section fails
         bench.finish(ratio_to="base", plot_x="tokens", plot_title=f"adapted linear / base, {bench.device_name}",
-                     plot_where=lambda r: not r.get("batch") and not r["method"].startswith("tune["))
+                     plot_where=lambda r: not r.get("mixed") and not r["method"].startswith("tune["))
 
 
 def mixed_batch_section(bench, cfg, args, modes, timed, paths):
@@ -244,7 +244,7 @@ def mixed_batch_section(bench, cfg, args, modes, timed, paths):
                             continue
                         gbps = nbytes / (us * 1e-6) / 1e9
                         bench.add(shape=shape, tokens=T, rank=rank, dtype=dname, method=name, mode=mode, median_us=us,
-                                  batch=f"mixed{S}", GBps=round(gbps, 1), copy_GBps=round(copy_gbps, 1),
+                                  adapters=S, mixed=True, GBps=round(gbps, 1), copy_GBps=round(copy_gbps, 1),
                                   bw_fraction=round(gbps / copy_gbps, 3))
                 print(f"  mixed {shape} {dname} r={rank} done (bytes {nbytes / 1e6:.1f} MB)")
                 del layer

@@ -1,12 +1,12 @@
-"""Shared helpers for the benchmark scripts in bench/: timing, CUDA graphs, bandwidth, CSV, table, plot.
+"""Shared helpers for the benchmark scripts in bench/: timing, CUDA graphs, bandwidth, and ``Bench``.
 
-Every bench script measures medians the same way and writes rows with the same leading
-columns, so results from different scripts and machines can be put side by side::
+Every bench script measures medians the same way and writes its rows through ``Bench``, so
+results from different scripts and machines share one schema and can be put side by side::
 
     from common import Bench, timer_for, add_common_args
 
     args = add_common_args(argparse.ArgumentParser()).parse_args()
-    bench = Bench("linear", args)               # device name, date, git commit, output paths
+    bench = Bench("linear", args)               # device, date, git commit, output paths
     t = bench.time(fn)                          # median microseconds (eager)
     t_graph = bench.time(fn, cuda_graph=True)   # median of a CUDA-graph replay of fn (GPU only)
     bench.add(shape="4096x4096", tokens=1, rank=16, dtype="bf16", method="base", mode="eager", median_us=t)
@@ -16,26 +16,49 @@ Timing: on a GPU ``triton.testing.do_bench`` (median, L2 flushed before every ca
 memory-bound kernels are not flattered by a warm cache); on a CPU ``torch.utils.benchmark.Timer``
 (blocked autorange, the median per-call time). Plots are PNGs drawn by matplotlib (the
 ``bench`` extra); sweeps show a progress bar that prints around the scripts' own lines.
-Rows go to ``bench/results/<name>-<device>-<date>.csv`` (appending, header once) with the
-columns ``device, date, commit, shape, tokens, rank, dtype, method, median_us, ratio`` first,
-then ``mode`` and any extra keys a script adds.
+Rows go to ``bench/results/<name>-<device>-<date>.csv`` (appending, header once; a script may
+name its file otherwise) with the columns of ``fastpeft.benchmarks.results`` first
+(``device, date, commit, bench, config, shape, tokens, adapters, mixed, rank, dtype, method,
+mode, median_us, ratio``), then the keys a script adds. The rows, the CSV, the table and the
+plots are ``fastpeft.benchmarks``' (the demo writes its rows with the same code).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as _dt
 import os
 import platform
-import re
 import statistics
-import subprocess
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-BASE_COLUMNS = ["device", "date", "commit", "shape", "tokens", "rank", "dtype", "method", "median_us", "ratio"]
+from fastpeft.benchmarks.plots import bar_plot, plot_ratios
+from fastpeft.benchmarks.results import (
+    COLUMNS,
+    GROUP_KEYS,
+    Results,
+    add_ratios,
+    cpu_model,
+    device_label,
+    dtype_name,
+    git_commit,
+    print_table,
+    slug,
+    sweep,
+    write_csv,
+)
+
+__all__ = [  # the helpers the scripts import from here (several are fastpeft.benchmarks')
+    "COLUMNS", "BASE_COLUMNS", "DTYPES", "GROUP_KEYS", "RESULTS_DIR", "Bench", "Results", "add_common_args", "add_ratios",
+    "bar_plot", "capture_cuda_graph", "copy_bandwidth", "cpu_model", "default_device", "device_label", "device_name",
+    "dtype_name", "git_commit", "interleaved_medians_us", "plot_ratios", "print_table", "slug", "sweep", "time_cpu",
+    "time_cuda", "timer_for", "write_csv",
+]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(ROOT, "bench", "results")
+BASE_COLUMNS = COLUMNS  # the former name
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -62,60 +85,14 @@ def default_device(name: str | None = None) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
+    """The device's short name, for file names and titles (the CSV's ``device`` column is
+    ``device_label``: on a CPU with the model and the thread count)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return platform.processor() or platform.machine() or "cpu"
 
 
-def git_commit() -> str:
-    """Short commit of the working tree, with ``+dirty`` when it has uncommitted changes
-    (results appended to ``bench/results/`` by earlier runs do not count)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        commit = sha.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(exclude,top)bench/results"], cwd=here, capture_output=True, text=True, timeout=10)
-        return commit + ("+dirty" if dirty.stdout.strip() else "")
-    except Exception:  # no git
-        return "unknown"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower()
-
-
 # ---- timing -----------------------------------------------------------------------------------
-
-
-class _AroundBars:
-    """A stdout whose writes go through ``tqdm.write``: printed lines appear above the progress
-    bars (which live on stderr) instead of through them."""
-
-    def __init__(self, real):
-        self.real = real
-
-    def write(self, text: str) -> int:
-        from tqdm import tqdm
-
-        tqdm.write(text, file=self.real, end="")
-        return len(text)
-
-    def flush(self) -> None:
-        self.real.flush()
-
-
-def sweep(items, desc: str):
-    """Iterate ``items`` under a progress bar (huggingface_hub's tqdm: ``HF_HUB_DISABLE_PROGRESS_BARS=1``
-    hides it); what the loop prints meanwhile goes above the bar, and the bar goes away at the end."""
-    import contextlib
-    import sys
-
-    from huggingface_hub.utils import tqdm
-
-    items = list(items)
-    with contextlib.redirect_stdout(_AroundBars(sys.stdout)):
-        yield from tqdm(items, desc=desc, total=len(items), leave=False)
 
 
 def time_cpu(fn: Callable[[], object], warmup: int = 2, rep: int = 10) -> float:
@@ -213,195 +190,41 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, quick: bool = Fa
 # ---- results ----------------------------------------------------------------------------------
 
 
-class Bench:
-    """Collects rows for one script run; writes the CSV, prints the table, draws the plot."""
+class Bench(Results):
+    """One script run: the device and its timer, and the rows (``fastpeft.benchmarks.results``'
+    schema); ``finish`` writes the CSV, prints the table and draws the plot.
 
-    def __init__(self, name: str, args: argparse.Namespace):
-        self.name = name
+    ``stem``: the CSV's file name without ``.csv`` (default ``<name>-<device>-<date>``, with
+    ``-quick`` for ``--quick``), in ``bench/results/`` unless ``--out`` names the file; the plot
+    goes beside it. ``device``: the device to use whatever ``args.device`` says (e.g. "cpu").
+    """
+
+    def __init__(self, name: str, args: argparse.Namespace, stem: str | None = None, device: str | None = None):
+        now = _dt.datetime.now()
         self.args = args
-        self.device = default_device(getattr(args, "device", None))
+        self.device = default_device(device or getattr(args, "device", None))
         self.device_name = device_name(self.device)
-        self.date = _dt.datetime.now().strftime("%Y-%m-%d")
-        self.commit = git_commit()
+        self.date = now.strftime("%Y-%m-%d")
         self.quick = bool(getattr(args, "quick", False))
         self.time = timer_for(self.device, self.quick, getattr(args, "warmup", None), getattr(args, "rep", None))
-        self.rows: list[dict] = []
-        stem = f"{name}-{slug(self.device_name)}-{self.date}" + ("-quick" if self.quick else "")
-        self.csv_path = getattr(args, "out", None) or os.path.join(RESULTS_DIR, stem + ".csv")
-        self.plot_path = os.path.splitext(self.csv_path)[0] + ".png"
-
-    def add(self, **fields) -> dict:
-        """Record one measurement (``median_us`` plus whatever describes it)."""
-        row = {"device": self.device_name, "date": self.date, "commit": self.commit, "mode": "eager"}
-        row.update(fields)
-        self.rows.append(row)
-        return row
+        stem = stem or f"{name}-{slug(self.device_name)}-{self.date}" + ("-quick" if self.quick else "")
+        csv_path = getattr(args, "out", None) or os.path.join(RESULTS_DIR, stem + ".csv")
+        super().__init__(name, csv_path, device_label(self.device), commit=git_commit(ROOT), started=now)
 
     def finish(self, ratio_to: str | None = "base", plot_x: str = "tokens", table_columns: list | None = None,
                plot_title: str | None = None, plot_where: Callable[[dict], bool] | None = None,
-               panel_keys=("shape", "rank", "dtype")) -> None:
-        """Ratios to ``ratio_to`` (per GROUP_KEYS group), CSV, table, plot of the rows ``plot_where`` keeps."""
-        if ratio_to:
-            add_ratios(self.rows, ratio_to)
-        write_csv(self.rows, self.csv_path)
-        print_table(self.rows, table_columns)
-        print(f"\n{len(self.rows)} rows -> {self.csv_path}")
+               panel_keys=("shape", "rank", "dtype"), plot: Callable[[list, str], str | None] | None = None) -> str:
+        """Ratios to ``ratio_to`` (per GROUP_KEYS group), CSV, table; then (unless ``--no-plot``)
+        ``plot(rows, png_path)`` when given, else the ratios vs ``plot_x`` of the rows ``plot_where``
+        keeps. Returns the CSV's path."""
+        path = super().finish(ratio_to, table_columns)
         if not getattr(self.args, "no_plot", False):
             rows = [r for r in self.rows if plot_where is None or plot_where(r)]
-            plot_ratios(rows, self.plot_path, x=plot_x, panel_keys=panel_keys,
-                        title=plot_title or f"{self.name} on {self.device_name}")
-
-
-# rows compared with each other: same layer shape, tokens, rank, dtype, eager/graph, and batch
-# kind (an extra key a script may set, e.g. "mixed64" for one adapter per token)
-GROUP_KEYS = ("shape", "tokens", "rank", "dtype", "mode", "batch", "fmt")
-
-
-def add_ratios(rows: list[dict], baseline: str, keys: Iterable[str] = GROUP_KEYS) -> None:
-    """``ratio = median_us / median_us of the baseline method`` within each group of ``keys``."""
-    keys = tuple(keys)
-    base = {tuple(r.get(k) for k in keys): r["median_us"] for r in rows if r.get("method") == baseline}
-    for r in rows:
-        b = base.get(tuple(r.get(k) for k in keys))
-        r["ratio"] = round(r["median_us"] / b, 4) if b else ""
-
-
-def write_csv(rows: list[dict], path: str) -> None:
-    """Append ``rows`` to ``path`` (header written once; standard columns first, then extras)."""
-    if not rows:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    extra = []
-    for r in rows:
-        for k in r:
-            if k not in BASE_COLUMNS and k not in extra:
-                extra.append(k)
-    columns = BASE_COLUMNS + extra
-    exists = os.path.exists(path) and os.path.getsize(path) > 0
-    if exists:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), None)
-        if header and header != columns:  # another layout: keep both, never mix columns
-            root, ext = os.path.splitext(path)
-            path = f"{root}-{len(columns)}cols{ext}"
-            exists = os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        if not exists:
-            w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k, "")) for k in columns})
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.1f}"
-    return v
-
-
-def print_table(rows: list[dict], columns: list | None = None) -> None:
-    """A fixed-width table of ``rows`` (default: the varying descriptive columns + timings)."""
-    if not rows:
-        print("(no rows)")
-        return
-    if columns is None:
-        skip = {"device", "date", "commit"}
-        columns = [c for c in rows[0] if c not in skip]
-        for r in rows:
-            columns += [c for c in r if c not in columns and c not in skip]
-        # keep the measured numbers at the end
-        columns = [c for c in columns if c not in ("median_us", "ratio")] + ["median_us", "ratio"]
-    cells = [[str(_fmt(r.get(c, ""))) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths, strict=True)))
-
-
-def _numeric(v: str) -> bool:
-    try:
-        float(v)
-        return True
-    except ValueError:
-        return False
-
-
-def _pyplot():
-    """matplotlib's pyplot on the Agg backend; a clear error when the ``bench`` extra is missing."""
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise SystemExit(f"the plots need matplotlib ({e}): pip install -e '.[bench]' (or pass --no-plot)") from e
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: str, svg: bool, rect=(0, 0, 1, 1)) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.tight_layout(rect=rect)
-    fig.savefig(path, dpi=120)
-    if svg:
-        fig.savefig(os.path.splitext(path)[0] + ".svg")
-    return path
-
-
-def plot_ratios(rows: list[dict], path: str, x: str = "tokens", panel_keys=("shape", "rank", "dtype"),
-                mode: str = "eager", title: str = "", svg: bool = False) -> str | None:
-    """Ratio-to-baseline vs ``x`` (log axis), one line per method, one panel per ``panel_keys``:
-    a PNG at ``path`` (and an SVG beside it with ``svg``). Returns the path, or None without rows."""
-    sel = [r for r in rows if r.get("mode", "eager") == mode and r.get("ratio") not in ("", None)]
-    if not sel:
-        print("plot skipped: no rows with ratios")
-        return None
-    plt = _pyplot()
-    panels = sorted({tuple(r.get(k) for k in panel_keys) for r in sel}, key=str)
-    cols = min(4, len(panels))
-    nrows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-    methods = sorted({r["method"] for r in sel})
-    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(methods)}  # one colour per method everywhere
-    for ax, panel in zip(axes.flat, panels, strict=False):
-        prow = [r for r in sel if tuple(r.get(k) for k in panel_keys) == panel]
-        for method in sorted({r["method"] for r in prow}):
-            pts = sorted((float(r[x]), float(r["ratio"])) for r in prow if r["method"] == method)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, color=colors[method])
-        ax.set_xscale("log", base=2)
-        ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        ax.set_title(" ".join(f"{k}={v}" for k, v in zip(panel_keys, panel, strict=True)), fontsize=8)
-        ax.set_xlabel(x)
-        ax.set_ylabel("time / base")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    handles = [plt.Line2D([], [], color=colors[m], marker="o", label=m) for m in methods]
-    fig.legend(handles=handles, fontsize=7, loc="lower center", ncols=min(6, len(methods)), bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle(title, fontsize=10)
-    _save(fig, path, svg, rect=(0, 0.06 * ((len(methods) + 5) // 6) / nrows, 1, 1))
-    plt.close(fig)
-    print(f"plot -> {path}")
-    return path
-
-
-def bar_plot(path: str, title: str, groups: list[str], series: dict, ylabel: str = "", svg: bool = False) -> str:
-    """Grouped bars: ``groups`` along x, ``series`` name -> one value (or None: no bar) per group.
-    Writes a PNG at ``path`` (and an SVG beside it with ``svg``); returns the path."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(7.5, 1.3 * len(groups)), 4.0))
-    width = 0.8 / max(len(series), 1)
-    for k, (name, vals) in enumerate(series.items()):
-        xs = [i + k * width for i, v in enumerate(vals) if v is not None]
-        shown = [v for v in vals if v is not None]
-        bars = ax.bar(xs, shown, width, label=name)
-        ax.bar_label(bars, labels=[f"{v:.0f}" if abs(v) >= 10 else f"{v:.3g}" for v in shown], fontsize=6, padding=1)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
-    long = max((len(g) for g in groups), default=0) > 18
-    ax.set_xticklabels(groups, fontsize=8, rotation=20 if long else 0, ha="right" if long else "center")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, ncols=min(5, len(series)))
-    ax.margins(y=0.15)
-    _save(fig, path, svg)
-    plt.close(fig)
-    return path
+            if plot is not None:
+                out = plot(rows, self.plot_path) if rows else None
+                if out:
+                    print(f"plot -> {out}")
+            else:
+                plot_ratios(rows, self.plot_path, x=plot_x, panel_keys=panel_keys,
+                            title=plot_title or f"{self.name} on {self.device_name}")
+        return path

@@ -6,9 +6,11 @@
    model into fastpeft's with ``fastpeft.optimize``;
 4. checks both against PEFT's unfused computation: prints the max abs difference of the logits,
    exits with code 1 above the tolerance;
-5. prints a short timing table (base, merged, PEFT, fastpeft; batch 1 and a 16-row batch of 16
-   distinct adapters) from ``bench/bench_generate.py`` when the repository is there, else from
-   a small built-in timing.
+5. times greedy decoding (base, merged, PEFT, ``fastpeft.optimize``, fastpeft; batch 1, a 16-row
+   batch with one adapter and one with 16 distinct adapters) with ``fastpeft.benchmarks.generate``
+   (what ``bench/bench_generate.py`` runs), prints the table and writes the rows
+   (``fastpeft.benchmarks.results``' columns) to ``<out-dir>/decode-cpu.csv`` and a plot to
+   ``decode-cpu.png`` (the plot needs matplotlib, the ``bench`` extra; without it it is skipped).
 
 ``--quick``: a smaller model and fewer repetitions. ``--no-timing``: the checks only.
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib.util
 import logging
 import os
 import sys
@@ -27,28 +28,10 @@ import warnings
 
 import torch
 
-# the default model when bench/ is not next to the package (same shape as the bench's CPU default)
-DEFAULT_CONFIG = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
-                      num_key_value_heads=2, vocab_size=4096)
-QUICK_CONFIG = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=2048)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .benchmarks import generate as gen
+
+TARGETS = gen.TARGETS
 TOLERANCE = 1e-4  # fp32 logits of O(1): a few ulps of accumulated rounding, far below any real difference
-
-
-def _bench_module():
-    """bench/bench_generate.py of the repository this package sits in, or None."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_generate.py")
-    if not os.path.exists(path):
-        return None
-    try:
-        spec = importlib.util.spec_from_file_location("fastpeft_bench_generate", path)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    except Exception as e:  # a broken bench must not break the demo
-        print(f"(bench/bench_generate.py not usable: {type(e).__name__}: {e}; built-in timing)")
-        return None
 
 
 @contextlib.contextmanager
@@ -76,13 +59,8 @@ def _library_notices_hidden():
 
 
 def build_model(config: dict, seed: int = 0):
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(**config, max_position_embeddings=512, tie_word_embeddings=False)
-    model = tf.LlamaForCausalLM(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    return model
+    """The demo's base model: ``fastpeft.benchmarks.generate.build_base`` in fp32 on the CPU."""
+    return gen.build_base(config, torch.float32, torch.device("cpu"), seed)
 
 
 def check_parity(config: dict, folder: str) -> float:
@@ -122,43 +100,6 @@ def check_parity(config: dict, folder: str) -> float:
     return max(d_load, d_opt)
 
 
-def builtin_timing(config: dict, repeats: int, new_tokens: int) -> list:
-    """A small stand-in for bench/bench_generate.py: greedy decode time per method."""
-    import statistics
-
-    import peft
-
-    import fastpeft
-
-    base = build_model(config)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=16, target_modules=TARGETS))
-        pm.save_pretrained(tmp)
-        models = {
-            "base": base,
-            "merged": copy.deepcopy(pm).merge_and_unload(),
-            "peft": pm,
-            "fastpeft": fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp),
-        }
-    ids = torch.randint(3, config["vocab_size"], (1, 16))
-    for name, m in models.items():
-        times = []
-        with torch.no_grad():
-            for i in range(repeats + 1):
-                t0 = time.perf_counter()
-                m.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-                if i:
-                    times.append(time.perf_counter() - t0)
-        t = statistics.median(times)
-        rows.append(dict(method=name, batch=1, adapters=1, tokens_per_s=round(new_tokens / t, 1)))
-    ref = {r["method"]: r for r in rows}
-    for r in rows:
-        r["vs_peft"] = round(ref["peft"]["tokens_per_s"] / r["tokens_per_s"], 3)
-    return rows
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="fastpeft demo: PEFT adapter -> fastpeft, checked and timed")
     p.add_argument("--quick", action="store_true", help="smaller model, fewer repetitions")
@@ -168,10 +109,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     import fastpeft
 
-    bench = _bench_module()
-    config = dict(QUICK_CONFIG if args.quick else DEFAULT_CONFIG)
-    if bench is not None:
-        config = dict(bench.QUICK_CONFIG if args.quick else bench.CPU_CONFIG)
+    config = dict(gen.QUICK_CONFIG if args.quick else gen.CPU_CONFIG)
     print(f"fastpeft {fastpeft.__version__}, torch {torch.__version__}; backends: {fastpeft.available_backends()}")
     print(f"model: Llama-shaped {config} (random weights), fp32 on the CPU")
 
@@ -187,27 +125,32 @@ def main(argv=None) -> int:
 
     print("\n[2/2] greedy decoding with the KV cache (medians; decode_ms = one more token; "
           "vs_peft = time ratio to PEFT)")
-    if bench is not None:
-        device = torch.device("cpu")
-        with _library_notices_hidden():
-            rows = bench.run(config, device, torch.float32, batch=16, n_adapters=16, rank=16,
-                             new_tokens=8 if args.quick else 16, prompt_len=16, repeats=2 if args.quick else 5,
-                             methods=("base", "merged", "peft", "optimize", "fastpeft"), log=lambda *_: None,
-                             progress=False)
-        bench.print_table(rows, ["method", "batch", "adapters", "tokens_per_s", "decode_ms", "vs_base", "vs_peft"])
-        os.makedirs(args.out_dir, exist_ok=True)
-        stem = os.path.join(args.out_dir, "decode-cpu" + ("-quick" if args.quick else ""))
-        if os.path.exists(stem + ".csv"):
-            os.remove(stem + ".csv")  # this run's rows only
-        bench.write_rows(rows, stem + ".csv")
-        png = bench.plot(rows, stem + ".png")
+    from .benchmarks.plots import have_matplotlib
+    from .benchmarks.results import Results, device_label
+
+    device = torch.device("cpu")
+    with _library_notices_hidden():
+        rows = gen.run(config, device, torch.float32, batch=16, n_adapters=16, rank=16,
+                       new_tokens=8 if args.quick else 16, prompt_len=16, repeats=2 if args.quick else 5,
+                       methods=("base", "merged", "peft", "optimize", "fastpeft"), log=lambda *_: None,
+                       progress=False)
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, "decode-cpu" + ("-quick" if args.quick else ""))
+    if os.path.exists(stem + ".csv"):
+        os.remove(stem + ".csv")  # this run's rows only
+    results = Results("generate", stem + ".csv", device_label(device))
+    for r in rows:
+        results.add(**r)
+    results.add_ratios("base")
+    results.print_table(["method", "batch", "adapters", "tokens_per_s", "decode_ms", "vs_base", "vs_peft"])
+    results.write_csv()
+    if have_matplotlib():
+        png = gen.plot(results.rows, stem + ".png")
         print(f"  rows -> {stem}.csv, plot -> {png}")
-        print("  (optimize = a peft.PeftModel after fastpeft.optimize; fastpeft = fastpeft.PeftModel; the 16-row "
-              "batch uses adapter_names= with 16 distinct adapters; full runs: bench/bench_generate.py)")
     else:
-        rows = builtin_timing(config, repeats=2 if args.quick else 3, new_tokens=8)
-        for r in rows:
-            print(f"  {r['method']:<9} batch {r['batch']}  {r['tokens_per_s']:8.1f} tokens/s  vs PEFT {r['vs_peft']}")
+        print(f"  rows -> {stem}.csv (no plot: matplotlib is not installed; pip install 'fastpeft[bench]')")
+    print("  (optimize = a peft.PeftModel after fastpeft.optimize; fastpeft = fastpeft.PeftModel; the 16-row "
+          "batch uses adapter_names= with 16 distinct adapters; full runs: bench/bench_generate.py)")
     print(f"\ndone in {time.time() - t_start:.0f} s")
     return 0
 

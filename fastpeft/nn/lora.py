@@ -195,6 +195,11 @@ class LoraLinear(LinearLayerBase):
         """scaling * B @ A as [N, K] in the adapter dtype."""
         return (self._b_weight(name) @ self._a_weight(name)) * self._scale(name)
 
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """PEFT's ``get_delta_weight``: ``scaling * B @ A`` in the base weight's layout."""
+        d = self._delta_weight(adapter)
+        return d.t() if self.fan_in_fan_out else d
+
     def _has_dora(self) -> bool:
         return any(self.use_dora.get(n, False) for n in self._adapters)
 

@@ -134,7 +134,12 @@ class LoraEmbedding(AdapterLayer):
         return result.to(out_dtype)
 
     def _delta_weight(self, name):
+        """scaling * (B @ A).T as [V, D], the base weight's layout."""
         return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def get_delta_weight(self, adapter: str) -> Tensor:
+        """PEFT's ``get_delta_weight``."""
+        return self._delta_weight(adapter)
 
     def merge(self, adapter_names=None, safe_merge=False):
         names = [n for n in (self.active_adapters if adapter_names is None else adapter_names)

@@ -230,11 +230,6 @@ class OptimizedLoraLinear(_PeftLayerAPI, LoraLinear):
             self.lora_variant[adapter_name] = DoraLinearVariant()
         self.set_adapter(list(self._active), inference_mode=config.inference_mode)
 
-    def get_delta_weight(self, adapter: str) -> Tensor:
-        """PEFT's ``get_delta_weight``: ``scaling * B @ A`` in the base weight's layout."""
-        d = self._delta_weight(adapter)
-        return d.t() if self.fan_in_fan_out else d
-
 
 class OptimizedAdaLoraLinear(_PeftLayerAPI, AdaLoraLinear):
     """fastpeft's fused AdaLoRA layer with PEFT's ``adalora.SVDLinear`` interface."""
@@ -270,10 +265,6 @@ class OptimizedAdaLoraLinear(_PeftLayerAPI, AdaLoraLinear):
         self.add_adapter(adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=config.lora_dropout,
                          init_lora_weights=config.init_lora_weights, ranknum=r)
         self.set_adapter(list(self._active), inference_mode=config.inference_mode)
-
-    def get_delta_weight(self, adapter: str) -> Tensor:
-        d = self._delta_weight(adapter)
-        return d.t() if self.fan_in_fan_out else d
 
 
 class OptimizedLoraEmbedding(_PeftLayerAPI, LoraEmbedding):
@@ -322,9 +313,6 @@ class OptimizedLoraEmbedding(_PeftLayerAPI, LoraEmbedding):
         super()._remove(name)
         self.use_rslora.pop(name, None)
         self.lora_bias.pop(name, None)
-
-    def get_delta_weight(self, adapter: str) -> Tensor:
-        return self._delta_weight(adapter)
 
 
 class OptimizedIA3Linear(_PeftLayerAPI, IA3Linear):
