@@ -84,7 +84,8 @@ class SlotTable:
         self._row_bufs: dict = {}  # number of names -> the memory `rows` lives in (stable for CUDA graphs)
         self._row_buf_names: dict = {}  # number of names -> the names whose slots it holds
         self._row_cache: dict = {}  # names tuple -> row slots
-        self._derived: dict = {}  # (names, rows, batch) -> token slots derived from `rows`
+        self._derived: dict = {}  # (number of names, rows, batch) -> token slots derived from `rows`
+        self._derived_for: dict = {}  # (names, rows, batch) -> token slots of a per-call selection
 
     def __getstate__(self):
         # copies and pickles start without plans (the C++ plans can be neither, and a plan is
@@ -118,6 +119,7 @@ class SlotTable:
         slots = [self.slot_of(a) for a in layer._active] or [-1]
         self.active = _update(self.active, torch.tensor([slots], dtype=torch.int32, device=device))
         self._row_cache.clear()
+        self._derived_for.clear()
         self._row_buf_names = {}
         if self._row_bufs and next(iter(self._row_bufs.values())).device != device:
             self._row_bufs, self._derived = {}, {}  # moved: new buffers on the new device
@@ -140,12 +142,7 @@ class SlotTable:
         if buf is not None and names == self._row_buf_names.get(n):
             self.rows = buf  # the same names again (PEFT passes them on every forward)
             return
-        rs = self._row_cache.get(names)
-        if rs is None:
-            rs = torch.tensor([self.slot_of(m) for m in names], dtype=torch.int32, device=device)
-            if len(self._row_cache) > MAX_CACHED_NAMES:
-                self._row_cache.clear()
-            self._row_cache[names] = rs
+        rs = self.rows_for(names, device)
         if buf is not None and buf.device == rs.device and not buf.is_inference():
             buf.copy_(rs)
             # the per-shape slots derived from this buffer are refreshed in place too: a CUDA
@@ -163,6 +160,17 @@ class SlotTable:
         self.rows = buf
         self._row_buf_names[n] = names
 
+    def rows_for(self, names: tuple, device) -> Tensor:
+        """``[len(names)]`` int32: the slot of each name (-1: none here), cached per names tuple;
+        changes nothing of the table's state."""
+        rs = self._row_cache.get(names)
+        if rs is None or rs.device != torch.device(device):
+            rs = torch.tensor([self.slot_of(m) for m in names], dtype=torch.int32, device=device)
+            if len(self._row_cache) > MAX_CACHED_NAMES:
+                self._row_cache.clear()
+            self._row_cache[names] = rs
+        return rs
+
     def set_page_table(self, table: Tensor | None) -> None:
         """Install the slot -> pages map of stacks just packed (None: one page per slot) and
         bring the page tensors derived from the slot tensors up to date."""
@@ -170,6 +178,7 @@ class SlotTable:
         if table is not None:
             mark_dynamic(table, 0, 1)
         self._derived.clear()  # mixed-batch slots derived through the old table
+        self._derived_for.clear()
         self.sync_active_pages()
 
     def sync_active_pages(self) -> None:
@@ -186,11 +195,24 @@ class SlotTable:
         self.active_pages = kept
 
     # ----- what a call reads ----------------------------------------------------------------
-    def token_slots(self, rows: int, batch: int) -> Tensor | None:
+    def token_slots(self, rows: int, batch: int, names: tuple | None = None) -> Tensor | None:
         """[1, J] (or its pages) for the active adapters, or [rows, 1] (or [rows, P_max]) for a
         mixed batch. ``batch`` is the size of the input's first dimension; ``rows`` the number
         of rows of x the operator sees. Built from the tensors kept by every state change; no
-        Python list becomes a tensor here, so the call traces under ``torch.compile``."""
+        Python list becomes a tensor here, so the call traces under ``torch.compile``.
+
+        ``names``: one call's own selection (an adapter name per batch row) instead of the
+        table's state, which it leaves unchanged (eager calls; the rows are cached per names)."""
+        if names is not None:
+            device = (self.active if self.active is not None else torch.empty(0)).device
+            key = (names, rows, batch)
+            ts = self._derived_for.get(key)
+            if ts is None:
+                ts = self.derive(self.rows_for(names, device), rows, batch).contiguous()
+                if len(self._derived_for) > MAX_CACHED_SHAPES:
+                    self._derived_for.clear()
+                self._derived_for[key] = ts
+            return ts
         rs = self.rows
         if rs is None:
             return self.active if self.active_pages is None else self.active_pages

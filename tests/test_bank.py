@@ -1,0 +1,113 @@
+"""The adapter bank of a layer (fastpeft.nn.bank / slots / bank_offload).
+
+Checked: a call's own selection (``token_slots(..., names=...)``) gives the slots that entering
+that mixed batch gives, paged or not, and changes nothing of the layer's state; every kind of
+adapter layer gets its bank from ``bank_class``; a pickled or copied layer's bank starts without
+plans and packs again to the same outputs; offloading replaces the bank and keeps the layer's
+class; an Entry that may not alias is watched by version (an in-place write repacks).
+"""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import fastpeft
+from fastpeft.nn import AdaLoraLinear, IA3Linear, LoraEmbedding, LoraLinear, ModulesToSaveWrapper
+from fastpeft.nn.bank import AdapterBank, ScaleBank
+from fastpeft.nn.bank_offload import OffloadBank
+from fastpeft.nn.slots import SlotTable
+from fastpeft.offload import keep_adapters_on_cpu
+
+K, N = 23, 19
+
+
+def _layer(ranks, seed=0) -> LoraLinear:
+    torch.manual_seed(seed)
+    layer = LoraLinear(nn.Linear(K, N))
+    for i, r in enumerate(ranks):
+        layer.add_adapter(f"a{i}", r=r, lora_alpha=r + 1, init_lora_weights=False)
+    layer.set_adapter("a0")
+    return layer.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("ranks", [[4, 4, 4], [1, 2, 3, 5, 8, 13, 21, 3, 1, 2, 34, 7]], ids=["plain", "paged"])
+def test_per_call_selection_equals_the_mixed_batch_state_and_leaves_it(ranks):
+    layer = _layer(ranks)
+    x = torch.randn(4, 3, K)
+    with torch.no_grad():
+        layer(x)  # packs (and pages the second set)
+    assert (layer.bank.page_table is not None) == (len(ranks) > 3)
+    bank = layer.bank
+    active_before = bank.active.clone()
+    for names in [("a1", "__base__", "a2", "a0"), ("a2", "a2", "a1", "a0"), ("a1", "a0")]:
+        got = bank.token_slots(12, 4, names=names)
+        assert bank.rows is None and torch.equal(bank.active, active_before)  # state unchanged
+        layer.set_mixed_names(names)
+        try:
+            assert torch.equal(got, layer.token_slots(12, 4))
+        finally:
+            layer.set_mixed_names(None)
+    with pytest.raises(ValueError, match="3 adapter names for a batch of 4"):
+        bank.token_slots(12, 4, names=("a0", "a1", "a2"))
+
+
+def test_every_layer_kind_has_its_bank():
+    lin = nn.Linear(K, N)
+    assert type(LoraLinear(lin).bank) is AdapterBank
+    assert type(AdaLoraLinear(lin).bank) is AdapterBank
+    assert type(LoraEmbedding(nn.Embedding(K, N)).bank) is AdapterBank
+    assert type(IA3Linear(lin, is_feedforward=False).bank) is ScaleBank
+    assert type(ModulesToSaveWrapper(lin).bank) is SlotTable
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_copies_start_without_plans_and_give_the_same_outputs(how):
+    layer = _layer([2, 5])
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        expected = layer(x)
+        layer(x)
+    assert layer.bank.plan is not None
+    clone = pickle.loads(pickle.dumps(layer)) if how == "pickle" else copy.deepcopy(layer)
+    assert clone.bank.plan is None and clone.bank.names == layer.bank.names
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), expected, atol=0, rtol=0)
+
+
+def test_offloading_replaces_the_bank_not_the_class():
+    base = nn.Sequential(nn.Linear(K, N))
+    fm = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=3, target_modules=["0"], init_lora_weights=False))
+    fm.add_adapter("b", fastpeft.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    fm.eval()
+    layer = fm.get_base_model()[0]
+    cls, names = type(layer), list(layer.bank.names)
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        expected = {n: (fm.set_adapter(n), fm(x))[1] for n in ("default", "b")}
+    handle = keep_adapters_on_cpu(fm, max_on_device=1)
+    assert type(layer) is cls and isinstance(layer.bank, OffloadBank) and layer.bank.names == names
+    with torch.no_grad():
+        for n in ("default", "b", "default"):
+            fm.set_adapter(n)
+            torch.testing.assert_close(fm(x), expected[n], atol=1e-6, rtol=1e-6)
+    assert handle.stats()["evictions"] >= 2 and layer.bank.a.shape[0] == 1
+
+
+def test_derived_copies_are_watched_by_version():
+    torch.manual_seed(1)
+    layer = AdaLoraLinear(nn.Linear(K, N))
+    layer.add_adapter("s", r=4, lora_alpha=8, init_lora_weights=False)
+    layer.set_adapter("s")
+    layer.eval().requires_grad_(False)
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        layer(x)
+        assert "s" in layer.bank.copies and "s" not in layer.bank.aliased
+        layer.lora_E["s"].mul_(3.0)  # the stacks hold A * E: an in-place write must repack
+        got = layer(x)
+        expected = layer._forward_unfused(x, ["s"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
