@@ -111,3 +111,55 @@ def test_derived_copies_are_watched_by_version():
         got = layer(x)
         expected = layer._forward_unfused(x, ["s"])
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_names_is_read_only_and_errors_name_the_layer():
+    layer = _layer([2, 3])
+    with pytest.raises(AttributeError):
+        layer._mixed_names = ("a0",)  # would leave the bank's row slots behind: set_mixed_names
+    layer.set_mixed_names(("a0", "a1", "a0"))
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="3 adapter names for a batch of 4 rows in LoraLinear"):
+            layer(torch.randn(4, K))
+    finally:
+        layer.set_mixed_names(None)
+
+
+def _offloaded(capacity):
+    base = nn.Sequential(nn.Linear(K, N))
+    fm = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=3, target_modules=["0"], init_lora_weights=False))
+    for i in range(1, 5):
+        fm.add_adapter(f"b{i}", fastpeft.LoraConfig(r=2 + i % 2, target_modules=["0"], init_lora_weights=False))
+    fm.eval()
+    ref = copy.deepcopy(fm)
+    handle = keep_adapters_on_cpu(fm, max_on_device=capacity)
+    return fm, ref, handle
+
+
+def test_offloaded_scaling_change_is_seen_in_the_same_stacks():
+    fm, ref, _ = _offloaded(2)
+    layer = fm.get_base_model()[0]
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        fm(x)
+        a, bt, scales = layer.bank.a, layer.bank.bt, layer.bank.scales
+        for m in (fm, ref):
+            m.get_base_model()[0].set_scale("default", 0.25)
+        torch.testing.assert_close(fm(x), ref(x), atol=1e-6, rtol=1e-6)
+    assert layer.bank.a is a and layer.bank.bt is bt and layer.bank.scales is scales  # CUDA graphs read these
+
+
+def test_offload_capacity_can_shrink():
+    fm, ref, handle = _offloaded(4)
+    x = torch.randn(3, K)
+    with torch.no_grad():
+        for n in ("b1", "b2", "b3", "default"):
+            fm.set_adapter(n)
+            fm(x)
+        handle = keep_adapters_on_cpu(fm, max_on_device=2)  # keeps the two most recent: b3, default
+        assert handle.resident_adapters() == {"b3", "default"}
+        for n in ("b3", "b1", "default", "b4"):
+            fm.set_adapter(n)
+            ref.set_adapter(n)
+            torch.testing.assert_close(fm(x), ref(x), atol=1e-6, rtol=1e-6)
+    assert fm.get_base_model()[0].bank.a.shape[0] == 2

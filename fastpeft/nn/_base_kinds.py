@@ -1,6 +1,7 @@
 """What kind of base module an adapter wraps, and how to read its weight as [N, K]."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .._optional import transformers_conv1d
@@ -30,13 +31,16 @@ def fused_forward_ok(module: nn.Module) -> bool:
     """True when ``module``'s forward is exactly the plain matmul/lookup the fused ops compute
     (a subclass with its own forward, e.g. a scaled embedding, runs unfused)."""
     t = type(module)
-    ok = _fused_ok.get(t)
+    # not the cache while tracing: torch.compile would guard on the whole dict, and a base class
+    # seen later (a new entry) would recompile every graph that read it
+    ok = None if torch.compiler.is_compiling() else _fused_ok.get(t)
     if ok is None:
         if is_quantized_linear(module):
             ok = has_bnb_forward(module)
         else:  # (a Conv1D instance exists only once transformers is loaded, so caching False is safe)
             ok = t is nn.Linear or t is nn.Embedding or t is transformers_conv1d()
-        _fused_ok[t] = ok
+        if not torch.compiler.is_compiling():
+            _fused_ok[t] = ok
     return ok
 
 

@@ -14,7 +14,8 @@ An :class:`AdapterBank` is the one thing a kernel-facing call of a LoRA layer re
   DoRA scale cache and the eager fast-path plans.
 
 The layer describes its adapters with :class:`Entry` rows and keeps PEFT's parameters; the bank
-never reads PEFT's names. A bank subclass can change where adapters live: see
+never reads PEFT's parameter containers (a bank policy's refresh reads the layer's
+selection). A bank subclass can change where adapters live: see
 :mod:`fastpeft.nn.bank_offload` (an LRU of device slots over adapters kept in CPU memory).
 
 :class:`ScaleBank` is the same idea for IA3: one stack ``[S + 1, D]`` of scale vectors.
@@ -67,7 +68,7 @@ class AdapterBank(SlotTable):
         self.aliased: dict = {}  # name -> storage pointers of its parameters (views of the stacks)
         self.copies: dict = {}  # name -> (pointer, version) of the tensors the stacks copied
         self.scale_src: dict = {}  # name -> the scaling value the stacks' scales were made from
-        self.dora: tuple | None = None  # (key, [S, N] DoRA scale), see LoraLinear._dora_scale
+        self.dora: tuple | None = None  # (key, [S, N] DoRA scale), see fastpeft.nn.dora.dora_scale
         self._slot0: Tensor | None = None  # [[0]]: the slots of a one-adapter view
 
     @property

@@ -36,13 +36,14 @@ class OffloadBank(AdapterBank):
     def replacing(cls, bank: AdapterBank, capacity: int, device: torch.device) -> OffloadBank:
         """A new offload bank for the adapters of ``bank`` (same slot order; nothing resident)."""
         new = cls(capacity, device)
-        new.names = bank.names
+        new.names, new.owner = bank.names, bank.owner
         return new
 
     def resize(self, capacity: int) -> None:
         """Keep at most ``capacity`` slots (the most recently used adapters stay resident)."""
         self.capacity = capacity
-        self.lru = OrderedDict(list(self.lru.items())[-capacity:])
+        kept = list(self.lru)[-capacity:]  # renumbered: the next pack reloads them into slots 0..k-1
+        self.lru = OrderedDict((n, s) for s, n in enumerate(kept))
         self.mark_stale()
 
     def slot_of(self, name) -> int:
@@ -85,6 +86,7 @@ class OffloadBank(AdapterBank):
         super().refresh(layer)
 
     def select_rows(self, layer, names) -> None:
+        # `names` is the layer's _mixed_names by now, which refresh reads
         self.refresh(layer)  # entering: load the batch's adapters; leaving: the active ones
 
     def _load(self, slot: int, name: str, entry, scaling: float) -> None:
@@ -101,15 +103,23 @@ class OffloadBank(AdapterBank):
         self.drop_plans()
 
     def pack(self, entries: list, scale_src: dict, paged: bool = True) -> None:
-        """Device slots at the largest rank, holding the resident adapters (never paged)."""
+        """Device slots at the largest rank, holding the resident adapters (never paged). The
+        stacks of the last pack are re-used (zeroed and reloaded) when their shape, dtype and
+        device still fit, so a captured CUDA graph keeps reading the right memory."""
         by_name = dict(zip(self.names, entries, strict=True))
         K, N = entries[0].a.shape[1], entries[0].b.shape[0]
         dtype = entries[0].a.dtype
         R = max(e.a.shape[0] for e in entries)
         dev = self.device
-        self.a = torch.zeros(self.capacity, R, K, dtype=dtype, device=dev)
-        self.bt = torch.zeros(self.capacity, R, N, dtype=dtype, device=dev)
-        self.scales = torch.zeros(self.capacity, dtype=torch.float32, device=dev)
+        shape = (self.capacity, R, K)
+        if self.a is not None and tuple(self.a.shape) == shape and self.a.dtype == dtype and self.a.device == dev \
+                and self.bt.shape[2] == N and not self.a.is_inference():
+            for t in (self.a, self.bt, self.scales):
+                t.zero_()
+        else:
+            self.a = torch.zeros(shape, dtype=dtype, device=dev)
+            self.bt = torch.zeros(self.capacity, R, N, dtype=dtype, device=dev)
+            self.scales = torch.zeros(self.capacity, dtype=torch.float32, device=dev)
         self.starts = list(range(self.capacity + 1))
         self.aliased, self.copies, self.scale_src = {}, {}, {}
         self.lru = OrderedDict((n, s) for n, s in self.lru.items() if n in by_name)

@@ -55,10 +55,17 @@ class AdapterLayer(nn.Module):
 
     def _init_adapter_state(self) -> None:
         self.bank = self.bank_class()
+        self.bank.owner = type(self).__name__
         self._active: list[str] = []
         self._disabled = False
         self.merged_adapters: list[str] = []
-        self._mixed_names: tuple | None = None  # adapter name per batch row in a mixed batch
+        self._row_selection: tuple | None = None  # read as _mixed_names, written by set_mixed_names
+
+    @property
+    def _mixed_names(self) -> tuple | None:
+        """The adapter name of each batch row while in a mixed batch, else None. Read-only:
+        :meth:`set_mixed_names` also brings the bank's row slots up to date."""
+        return self._row_selection
 
     @property
     def _adapters(self) -> list[str]:
@@ -78,7 +85,7 @@ class AdapterLayer(nn.Module):
     def set_mixed_names(self, names) -> None:
         """Enter a mixed batch (``names``: one adapter name per batch row) or leave it (None)."""
         names = None if names is None else tuple(names)
-        self._mixed_names = names
+        self._row_selection = names
         self.bank.select_rows(self, names)
 
     def _slot_device(self) -> torch.device:

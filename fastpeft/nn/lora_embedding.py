@@ -45,8 +45,7 @@ class LoraEmbedding(AdapterLayer):
         w = self.base_layer.weight
         dtype = dtype or w.dtype
         kw = dict(device=w.device, dtype=dtype)
-        self._set_config(name, r, lora_alpha, lora_scaling(r, lora_alpha, use_rslora),
-                         nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity())
+        self._set_config(name, r, lora_alpha, use_rslora, nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity())
         A = torch.empty(r, self.num_embeddings, **kw)
         B = torch.empty(self.embedding_dim, r, **kw)
         with torch.no_grad():
@@ -60,8 +59,10 @@ class LoraEmbedding(AdapterLayer):
         self.lora_embedding_B[name] = nn.Parameter(B)
         self.set_adapter(self._active)
 
-    def _set_config(self, name, r, lora_alpha, scaling: float, dropout: nn.Module) -> None:
-        self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scaling
+    def _set_config(self, name, r, lora_alpha, use_rslora, dropout: nn.Module, scaling: float | None = None) -> None:
+        """An adapter's hyper-parameters (as ``LoraLinear._set_config``, without DoRA and bias)."""
+        self.r[name], self.lora_alpha[name] = r, lora_alpha
+        self.scaling[name] = lora_scaling(r, lora_alpha, use_rslora) if scaling is None else scaling
         self.use_dora[name] = False
         self.lora_dropout[name] = dropout
 

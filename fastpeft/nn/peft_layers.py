@@ -291,7 +291,8 @@ class OptimizedLoraEmbedding(_PeftLayerAPI, LoraEmbedding):
         new = cls(m.base_layer)
         for name in m.lora_embedding_A:
             new._register(name)
-            new._set_config(name, m.r[name], m.lora_alpha[name], m.scaling[name], m.lora_dropout[name])
+            new._set_config(name, m.r[name], m.lora_alpha[name], bool(m.use_rslora.get(name, False)), m.lora_dropout[name],
+                            scaling=m.scaling[name])
             new.use_rslora[name] = bool(m.use_rslora.get(name, False))
             new.lora_bias[name] = False
             new.lora_embedding_A[name] = m.lora_embedding_A[name]

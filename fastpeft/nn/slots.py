@@ -73,7 +73,8 @@ class SlotTable:
     """
 
     def __init__(self) -> None:
-        self.names: list[str] = []
+        self.names: list[str] = []  # the layer's adapters in slot order (not a mixed batch's names)
+        self.owner = "layer"  # the layer's class name, for error messages
         self.stale = True
         self.active: Tensor | None = None
         self.rows: Tensor | None = None
@@ -128,7 +129,7 @@ class SlotTable:
         self.sync_active_pages()
 
     def select_rows(self, layer, names: tuple | None) -> None:
-        """``layer`` entered (``names``) or left (None) a mixed batch."""
+        """``layer`` entered (``names``, also its ``_mixed_names`` by now) or left (None) a mixed batch."""
         self._set_rows(names, layer._slot_device())
 
     def _set_rows(self, names: tuple | None, device) -> None:
@@ -231,7 +232,7 @@ class SlotTable:
         """[rows, 1] slots (pages: [rows, P_max]) from the per-name slots ``rs``: each name
         covers ``batch // len(rs)`` consecutive batch rows, each batch row ``rows // batch``
         consecutive rows of x."""
-        k = rows_per_name(rs.shape[0], batch)  # a shape, not the names: no guard on them
+        k = rows_per_name(rs.shape[0], batch, self.owner)  # a shape, not the names: no guard on them
         per_row = rs if k == 1 else rs.repeat_interleave(k)
         per = rows // batch if batch else 1
         ts = (per_row if per == 1 else per_row.repeat_interleave(per)).unsqueeze(1)
