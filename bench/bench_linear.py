@@ -17,7 +17,7 @@ with the achieved bandwidth (bytes of W, every A and B, x and y over the median 
 the measured device copy bandwidth.
 
 GPU:  python bench/bench_linear.py                      (all shapes; a few minutes)
-      python bench/bench_linear.py --paths decode,fused,given,split:inside,split:given --tokens 1,16,32,64,128,256,512
+      python bench/bench_linear.py --paths decode,fused,preshrunk,split:inside,split:preshrunk --tokens 1,16,32,64,128,256,512
 CPU:  python bench/bench_linear.py --quick              (tiny shapes, Triton interpreter: exercises
                                                          the script; its fastpeft timings mean nothing)
 Rows: bench/results/linear-<device>-<date>.csv (see bench/common.py), a table, a plot.
@@ -59,8 +59,8 @@ def parse_args():
     p.add_argument("--tokens", default=None, help="comma list of token counts")
     p.add_argument("--ranks", default=None, help="comma list of ranks")
     p.add_argument("--dtypes", default=None, help="comma list of fp16,bf16,fp32")
-    p.add_argument("--paths", default="", help="also time fastpeft with these paths forced: decode, fused, given, split, "
-                   "split:inside, split:given (comma list)")
+    p.add_argument("--paths", default="", help="also time fastpeft with these paths forced: decode, fused, preshrunk, split, "
+                   "split:inside, split:preshrunk (comma list)")
     p.add_argument("--no-multi", action="store_true", help="skip the mixed-batch (one adapter per token) section")
     p.add_argument("--multi-adapters", type=int, default=None, help="distinct adapters in the mixed batch (default: = tokens)")
     p.add_argument("--tune", action="store_true", help="sweep paths, split-K and tiles and write the winners to this "
@@ -100,7 +100,7 @@ def stack_adapters(layer, names):
 
 
 def _forced(LP, spec):
-    """``override`` for a --paths entry: "decode", "fused", "given", "split", "split:inside", "split:given"."""
+    """``override`` for a --paths entry: "decode", "fused", "preshrunk", "split", "split:inside", "split:preshrunk"."""
     if not spec:
         return LP.override()
     path, _, shrink = spec.partition(":")
@@ -292,13 +292,13 @@ def tune_section(bench, cfg, timed):
     def path_override(v):
         return LP.override(path=v)
 
-    time_knob("path", ["decode", "fused", "given", "split"], tokens_list, path_override)
+    time_knob("path", ["decode", "fused", "preshrunk", "split"], tokens_list, path_override)
     time_knob("split_k", TUNE_SPLIT_K, [1], lambda v: LP.override(split_k=v))
     time_knob("decode_tile", TUNE_DECODE_TILES, [1], lambda v: LP.override(tile=v))
     time_knob("fused_tile_32", TUNE_FUSED_TILES_32, [32], lambda v: LP.override(path="fused", tile=v))
     time_knob("fused_tile_64", TUNE_FUSED_TILES_64, [128], lambda v: LP.override(path="fused", tile=v))
 
-    # the fused family (best of decode/fused/given per case) against the split path
+    # the fused family (best of decode/fused/preshrunk per case) against the split path
     fam = [dict(r, value="fused_family") for r in rows if r["knob"] == "path" and r["value"] != "split" and r["median_us"]]
     best: dict = {}
     for r in fam:

@@ -301,25 +301,26 @@ def test_triton_rejects_bad_shapes(dev, triton_backend):
 # ---- the kernels compile for real GPUs (no GPU needed: Triton ships ptxas) -------------------
 
 _COMPILE_SCRIPT = r"""
-import inspect, sys
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
+import torch
+import triton.language as tl
 from fastpeft.kernels import quant_linear as QL
+from fastpeft.kernels._compile_only import compile_for
 
 fmt, dt, mixed = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
-kern = QL._quant_linear_kernel
-params = list(inspect.signature(kern.fn).parameters)
-tld = {"bf16": tl.bfloat16, "fp16": tl.float16}[dt]
+tdt, tld = {"bf16": (torch.bfloat16, tl.bfloat16), "fp16": (torch.float16, tl.float16)}[dt]
 const = dict(BLOCKSIZE=64, NBLOCKSIZE=256, FMT=fmt, NESTED=fmt == 4, EVEN_K=True, ALIGNED=fmt == 4, HAS_BIAS=True,
              HAS_LORA=True, MIXED=mixed, J=2, HAS_DORA=True, HAS_INS=True, HAS_OUTS=True, CD=tld, LD=tld,
              SPLIT_K=2, BM=16, BN=64, BK=64, CP=64, INTERP=False, IDX64=False)
-ptrs = dict(x_ptr=dt, w_ptr="u8" if fmt == 4 else "i8", absmax_ptr="u8" if fmt == 4 else "fp32", code_ptr="fp32",
-            nabsmax_ptr="fp32", ncode_ptr="fp32", noff_ptr="fp32", bias_ptr=dt, a_ptr=dt, b_ptr=dt, scale_ptr="fp32",
-            slots_ptr="i32", dora_ptr=dt, ins_ptr=dt, outs_ptr=dt, y_ptr="fp32")
-sig = {p: ("constexpr" if p in const else ("*" + ptrs[p]) if p in ptrs else "i32") for p in params}
-src = ASTSource(fn=kern, signature=sig, constexprs={(params.index(k),): v for k, v in const.items()})
-out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+u8, f32 = torch.uint8, torch.float32
+ptrs = dict(x_ptr=tdt, w_ptr=u8 if fmt == 4 else torch.int8, absmax_ptr=u8 if fmt == 4 else f32, code_ptr=f32,
+            nabsmax_ptr=f32, ncode_ptr=f32, noff_ptr=f32, bias_ptr=tdt, a_ptr=tdt, b_ptr=tdt, scale_ptr=f32,
+            slots_ptr=torch.int32, dora_ptr=tdt, ins_ptr=tdt, outs_ptr=tdt, y_ptr=f32)
+# a decode launch: strides and sizes as a [1, 4096] x [4096, 4096] call with rank-16 adapters would pass
+ints = dict(sxm=4096, sxk=1, swn=4096, swk=1, sas=65536, sar=4096, sak=1, sbs=65536, sbr=4096, sbn=1, stm=2, stj=1,
+            sds=4096, sdn=1, sim=0, sik=1, som=0, son=1, sym=4096, syn=1, M=1, N=4096, K=4096, R=16, C=64)
+args = {**const, **{k: torch.empty(16, dtype=v) for k, v in ptrs.items()}, **ints}
+out = compile_for(QL._quant_linear_kernel, 90, args, num_warps=8, num_stages=3)
 assert out.asm.get("cubin"), "no cubin"
 print("compiled", len(out.asm["cubin"]), "bytes of sm_90 code")
 """

@@ -30,7 +30,7 @@ if "triton" in ops.available_backends():
     from fastpeft.kernels import lora_linear as LL
     from fastpeft.kernels import lora_plan as LP
 
-PATHS = ["decode", "fused", "given", "split"]
+PATHS = ["decode", "fused", "preshrunk", "split"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -110,7 +110,7 @@ def test_paths_odd_shape(device, triton_backend, path, dtype, bcast):
 
 
 @pytest.mark.parametrize("rank", [1, 7, 16, 64])
-@pytest.mark.parametrize("path", ["decode", "fused", "given", "split"])
+@pytest.mark.parametrize("path", ["decode", "fused", "preshrunk", "split"])
 def test_ranks(device, triton_backend, rank, path):
     # adapters in the activations' dtype (merged-style fp16 bank), 4 slots, -1 rows
     args = make_case(device, 9, 96, 40, S=4, R=rank, dtype=torch.float16, lora_dtype=torch.float16, seed=rank)
@@ -155,8 +155,8 @@ def test_multi_adapter_dora_ia3(device, triton_backend, variant, path, bcast):
 def test_split_with_shrink_kernel(device, triton_backend, variant, bcast):
     # the prefill path with the shrink as its own kernel (x read once), then expand-only programs
     args = make_case(device, 40, 50, 150, S=4, R=5, dtype=torch.float16, bcast=bcast, seed=8, **VARIANTS[variant])
-    check(args, "split", split_shrink="given", name=f"{variant}-split-given")
-    with LP.override(path="split", split_shrink="given"):
+    check(args, "split", split_shrink="preshrunk", name=f"{variant}-split-preshrunk")
+    with LP.override(path="split", split_shrink="preshrunk"):
         torch.ops.fastpeft.adapter_linear(*args)
         assert list(LP._plans.values())[0].xa_splits >= 1
 
@@ -195,9 +195,9 @@ def test_split_k(device, triton_backend, split_k):
         assert list(LP._plans.values())[0].split_k == min(split_k, math.ceil(300 / 128))
 
 
-def test_split_k_given_and_fused(device, triton_backend):
+def test_split_k_preshrunk_and_fused(device, triton_backend):
     args = make_case(device, 20, 200, 40, S=5, R=4, J=1, dtype=torch.float16, seed=13)
-    check(args, "given", split_k=2)
+    check(args, "preshrunk", split_k=2)
     check(args, "fused", split_k=2)
     args = make_case(device, 20, 200, 40, S=5, R=4, J=1, dtype=torch.float16, bcast=True, seed=13)
     check(args, "fused", split_k=2)
@@ -209,7 +209,7 @@ def test_many_rows_several_tiles(device, triton_backend):
     check(args, None)
     check(args, "fused")
     args = make_case(device, 70, 24, 150, S=6, R=3, J=1, dtype=torch.float16, seed=18)
-    check(args, "given")
+    check(args, "preshrunk")
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -257,16 +257,16 @@ def test_dispatch_ranges():
     assert plan(17).path == "fused" and plan(64).path == "fused"
     assert plan(LP.FUSED_MAX_ROWS + 1).path == "split" and plan(4096).path == "split"
     # A re-read by every output tile above MAX_AREREAD_FRACTION of W: shrink kernel first
-    assert plan(1, R=64).path == "given"  # 64 fp32 columns per 128 bf16 weight columns: 1.0
-    assert plan(LP.FUSED_MAX_ROWS).path == "given"  # 4 row tiles x 0.25
+    assert plan(1, R=64).path == "preshrunk"  # 64 fp32 columns per 128 bf16 weight columns: 1.0
+    assert plan(LP.FUSED_MAX_ROWS).path == "preshrunk"  # 4 row tiles x 0.25
     assert plan(8, bcast=False, S=2).path == "decode"  # two adapters: shrink in the tile
-    assert plan(64, bcast=False, S=64).path == "given"  # many: per-row-tile shrink kernel first
+    assert plan(64, bcast=False, S=64).path == "preshrunk"  # many: per-row-tile shrink kernel first
     assert plan(1, R=256, J=2).path == "split"  # J * RP too large for the fused tile
     # prefill: the x re-read of one-kernel shrink + expand is small at 300 rows, large at 4096
     assert plan(300).xa_splits == 0 and plan(4096).xa_splits >= 1
     p = plan(1)
     assert p.split_k > 1 and p.grid[0] * p.split_k >= LP.ASSUMED_SMS  # >= 1 wave (K slices >= 512)
-    assert p.meta["PREC_L"] == LP.FP32_ADAPTER_PRECISION and p.meta["SHRINK"] == 1
+    assert p.meta["PREC_L"] == LP.FP32_ADAPTER_PRECISION and p.meta["SHRINK"] == LP.SHRINK_SHARED_SLOTS == 1
 
 
 def test_registration(device):
@@ -325,7 +325,7 @@ def test_compile_fullgraph(device, triton_backend):
 def test_cuda_graph_capture(triton_backend, path):
     device = torch.device("cuda")
     args = make_case(device, 8, 256, 192, S=4, R=16, J=1, dtype=torch.bfloat16, dora=True, outs="n", seed=29)
-    with LP.override(path=path, split_k=2 if path in ("decode", "given") else None):
+    with LP.override(path=path, split_k=2 if path in ("decode", "preshrunk") else None):
         torch.ops.fastpeft.adapter_linear(*args)  # compile + plan outside the capture
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")  # no host synchronisation on the hot path

@@ -184,3 +184,26 @@ def test_metadata_is_kept_per_planner(tuning_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # metadata keys are no tunables: no warning
         assert _plan(64).path != "split" and _plan(65).path == "split"
+
+
+def test_an_old_path_name_in_a_file_loads_under_its_new_name(tuning_dir):
+    """The path "given" is now "preshrunk": a file written before the rename still applies, with a warning."""
+    (tuning_dir / "cpu.json").write_text('{"planner": {"PATH": "given", "ROWS": 8}}')
+    with pytest.warns(UserWarning, match="planner.PATH = 'given' is the old name of 'preshrunk'"):
+        got = tuning.rules("planner", CPU, {"PATH": "preshrunk", "ROWS": 4})
+    assert got == {"PATH": "preshrunk", "ROWS": 8}
+
+
+@needs_triton
+def test_override_takes_the_old_path_name_with_a_deprecation_warning():
+    from fastpeft.kernels import lora_plan as LP
+
+    with pytest.warns(DeprecationWarning, match="'given' is now called 'preshrunk'"):
+        with LP.override(path="given"):
+            assert LP._overrides["path"] == "preshrunk"
+    with pytest.warns(DeprecationWarning, match="split_shrink 'given'"):
+        with LP.override(split_shrink="given"):
+            assert LP._overrides["split_shrink"] == "preshrunk"
+    with pytest.raises(ValueError, match="unknown path 'nope'"):
+        with LP.override(path="nope"):
+            pass

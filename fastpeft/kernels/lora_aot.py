@@ -2,10 +2,12 @@
 
 The Triton interpreter checks what the kernels compute, not whether they compile: constexpr
 branches, loop-carried types, shared memory and register pressure only show when Triton lowers
-them for a real target. Triton's compiler and ``ptxas`` need no GPU, only a target, so this
-module swaps in a stand-in driver that names one (``GPUTarget("cuda", arch, 32)``), makes every
-kernel launch compile-only, runs the real host code (plans, arguments, specialisation) on CPU
-tensors, and reads each cubin's registers, spill stack and shared memory with ``cuobjdump``.
+them for a real target. Triton's compiler and ``ptxas`` need no GPU, only a target: this module
+runs the real host code (plans, arguments, specialisation) of ``lora_linear`` on CPU tensors
+with its kernels swapped for compile-only stand-ins (:mod:`fastpeft.kernels._compile_only`:
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))``, Triton's public API,
+specialized as a launch with those arguments would be), and reads each cubin's registers,
+spill stack and shared memory with ``cuobjdump``.
 
     python -m fastpeft.kernels.lora_aot            # the sweep below, sm_90 (H100/H200)
     python -m fastpeft.kernels.lora_aot --arch 80  # A100
@@ -27,19 +29,22 @@ import time
 
 import torch
 
+from ._compile_only import launches_compile_only
+from ._interpret import INTERPRET
+
 # bytes of shared memory one block may use, per architecture (sm_80: 163 KB, sm_90: 227 KB)
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 
 # (M, K, N, R, S, J, per_row_slots, dora, x dtype, adapter dtype): decode, mixed decode, fused
-# GEMM, per-row shrink ("given"), split path, fp32 activations, large ranks.
+# GEMM, per-row shrink ("preshrunk"), split path, fp32 activations, large ranks.
 SWEEP = [
     (1, 4096, 4096, 16, 1, 1, False, False, torch.bfloat16, torch.float32),  # decode, one launch
     (4, 4096, 4096, 16, 2, 1, True, True, torch.bfloat16, torch.float32),  # decode, per-row slots, DoRA
-    (4, 4096, 4096, 16, 4, 1, True, True, torch.bfloat16, torch.float32),  # given (shrink kernel)
-    (1, 4096, 14336, 256, 1, 1, False, False, torch.float16, torch.float16),  # given, rank 256
+    (4, 4096, 4096, 16, 4, 1, True, True, torch.bfloat16, torch.float32),  # preshrunk (shrink kernel)
+    (1, 4096, 14336, 256, 1, 1, False, False, torch.float16, torch.float16),  # preshrunk, rank 256
     (64, 4096, 4096, 16, 1, 1, False, False, torch.bfloat16, torch.float32),  # fused GEMM tile
     (32, 4096, 4096, 16, 2, 1, True, True, torch.float16, torch.float32),  # fused GEMM, per-row slots, DoRA
-    (128, 4096, 4096, 64, 1, 1, False, False, torch.bfloat16, torch.float32),  # given, GEMM tile
+    (128, 4096, 4096, 64, 1, 1, False, False, torch.bfloat16, torch.float32),  # preshrunk, GEMM tile
     (64, 4096, 4096, 32, 64, 2, True, False, torch.bfloat16, torch.float32),  # 64 distinct adapters
     (300, 4096, 4096, 16, 4, 1, True, True, torch.bfloat16, torch.float32),  # split, shrink inside
     (1024, 4096, 4096, 16, 4, 1, True, True, torch.bfloat16, torch.float32),  # split, shrink kernel first
@@ -49,56 +54,14 @@ SWEEP = [
 QUICK = [SWEEP[i] for i in (0, 1, 2, 4, 5, 7, 8, 9)]
 
 
-class _TargetOnlyDriver:
-    """Enough of Triton's driver interface to compile (never to launch) for ``target``."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self):
-        return 0
-
-    def get_current_stream(self, device=None):
-        return 0
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def get_device_interface(self):
-        return torch.cuda
-
-
 @contextlib.contextmanager
 def compile_only(arch: int = 90):
-    """Within the block, Triton launches compile for ``sm_<arch>`` and return without running.
+    """Within the block, ``lora_linear``'s kernel launches compile for ``sm_<arch>`` and return
+    without running. Yields the list that collects ``(kernel name, launch kwargs, CompiledKernel)``."""
+    from . import lora_linear as LL
 
-    Yields the list that collects ``(kernel name, launch kwargs, CompiledKernel)``.
-    """
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
-
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("compile_only needs TRITON_INTERPRET unset (the interpreter never compiles)")
-    compiled = []
-    original = JITFunction.run
-
-    def run(self, *args, grid, warmup, **kwargs):
-        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append((self.fn.__name__, kwargs, kernel))
-        return kernel
-
-    previous = getattr(driver, "_active", None)
-    driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
-    JITFunction.run = run
-    try:
+    with launches_compile_only(LL, arch) as compiled:
         yield compiled
-    finally:
-        JITFunction.run = original
-        driver._active = previous  # reset_active() would build the real driver, which needs a GPU
 
 
 def resource_usage(kernel) -> dict:
@@ -152,11 +115,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     limit = SMEM_LIMIT.get(args.arch, 101376)
     failures = []
+    if INTERPRET:
+        raise SystemExit("TRITON_INTERPRET is set: the interpreter never compiles; run in a fresh process without it")
     with compile_only(args.arch) as compiled:
-        from . import lora_linear as LL
-
-        if LL.INTERPRET:
-            raise SystemExit("lora_linear was imported under TRITON_INTERPRET; run in a fresh process without it")
         for case in QUICK if args.quick else SWEEP:
             t0 = time.time()
             M, K, N, R, S, J, per_row, dora, xdt, ldt = case
@@ -175,7 +136,7 @@ def main(argv=None) -> int:
                 if r["stack"] and xdt != torch.float32:
                     bad.append(f"spills {r['stack']} bytes")
                 status = "FAIL" if bad else "ok  "
-                print(f"{status} {label:58s} {r['kernel']:22s} {r['path']:6s} BM={r['BM']} BN={r['BN']} BK={r['BK']} "
+                print(f"{status} {label:58s} {r['kernel']:22s} {r['path']:9s} BM={r['BM']} BN={r['BN']} BK={r['BK']} "
                       f"warps={r['num_warps']} stages={r['num_stages']} smem={r['shared']} regs={r['regs']} "
                       f"stack={r['stack']} ({time.time() - t0:.1f}s) {'; '.join(bad)}", flush=True)
                 if bad:

@@ -1,9 +1,10 @@
 """Triton kernel for ``torch.ops.fastpeft.adapter_embedding``.
 
 ``y[m] = weight[ids[m]] + sum_j lora_a[s].T[ids[m]] @ lora_b[s] * slot_scales[s]``, s =
-token_slots[m, j] (-1: none). A pure gather: one program per (row, BD columns) reads the
-weight row slice, the R values ``lora_a[s, :, id]`` and the ``[R, BD]`` slice of ``lora_b[s]``;
-the rank-R product is a handful of fp32 FMAs per output (no tensor cores needed).
+token_slots[m, j] (-1: none), lora_a ``[S, R, V]``, lora_b ``[S, R, D]`` (B transposed). A pure
+gather: one program per (row, BD columns) reads the weight row slice, the R values
+``lora_a[s, :, id]`` and the ``[R, BD]`` slice of ``lora_b[s]``; the rank-R product is a
+handful of fp32 FMAs per output (no tensor cores needed).
 """
 from __future__ import annotations
 

@@ -2,9 +2,36 @@
 
 ``lora_linear`` (the host module) launches them with the plans of ``lora_plan``; the semantics
 and the role of each kernel are in ``lora_linear``'s docstring, the tiling in docs/kernels.md.
+Tensors as in the operator (``fastpeft/ops/_schema.py``): ``a_ptr`` is lora_a ``[S, R, K]``,
+``b_ptr`` is lora_b, B transposed, ``[S, R, N]``; ``xa`` is the shrink ``xs @ A[slot].T`` of a
+row, laid out on the concatenated rank axis ``J * RP`` (column ``c``: rank row ``c % RP`` of
+the row's adapter ``c // RP``).
 """
 import triton
 import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------
+# SHRINK modes: how a program of _fused_linear_kernel / _lora_add_kernel gets xa for its rows.
+# The planner (lora_plan) picks one per plan and passes it as the SHRINK constexpr; the kernels
+# compare against the tl.constexpr copies below (Triton code reads only constexpr globals).
+# ---------------------------------------------------------------------------------------------
+
+#: no adapter applies: the base (and IA3) only
+SHRINK_NONE = 0
+#: every row uses the same slots (token_slots [1, J]): the A tile is gathered per column and
+#: multiplied with the x tile the base already loaded (the fused kernel: inside its K loop)
+SHRINK_SHARED_SLOTS = 1
+#: a slot per row (mixed batch): one pass over the x rows per distinct slot of the tile
+#: (the fused kernel: after the base's K loop, so the weight loads still pipeline)
+SHRINK_PER_ROW_SLOTS = 2
+#: xa was computed by _lora_shrink_kernel before (the "preshrunk" path, and the split path's
+#: shrink-first form): the kernel only sums its K slices and expands
+SHRINK_PRESHRUNK = 3
+
+_NONE = tl.constexpr(SHRINK_NONE)
+_SHARED_SLOTS = tl.constexpr(SHRINK_SHARED_SLOTS)
+_PER_ROW_SLOTS = tl.constexpr(SHRINK_PER_ROW_SLOTS)
+_PRESHRUNK = tl.constexpr(SHRINK_PRESHRUNK)
 
 # ---------------------------------------------------------------------------------------------
 # Triton helpers
@@ -167,9 +194,8 @@ def _fused_linear_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     PREC_W: tl.constexpr, PREC_L: tl.constexpr, UPCAST_W: tl.constexpr, UPCAST_L: tl.constexpr,
 ):
-    """One [BM, BN] tile of y over one K slice. SHRINK: 0 no LoRA, 1 same slots for every row
-    (shrink inside the K loop on the shared x tile), 2 per-row slots (shrink per distinct slot
-    after the base loop), 3 per-row slots with xa precomputed by _lora_shrink_kernel."""
+    """One [BM, BN] tile of y over one K slice; SHRINK is one of the SHRINK_* modes above
+    (SHRINK_PRESHRUNK: xa from _lora_shrink_kernel, summed over its XA_SPLITS K slices)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     # grouped tile order: GROUP_M row tiles share each weight tile while it is in L2
@@ -198,7 +224,7 @@ def _fused_linear_kernel(
     cmask = (jcol < J) & (rcol < R)
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if SHRINK == 1:
+    if SHRINK == _SHARED_SLOTS:
         slot_c = tl.load(ts_ptr + jcol * stj, mask=jcol < J, other=-1)
         cvalid = cmask & (slot_c >= 0)
         slot_c64 = tl.maximum(slot_c, 0).to(tl.int64)
@@ -214,7 +240,7 @@ def _fused_linear_kernel(
             other=0.0,
         )
         acc = _mm(x, w, acc, PREC_W, UPCAST_W)
-        if SHRINK == 1:
+        if SHRINK == _SHARED_SLOTS:
             # slot -1 (adapter off for the batch): loads masked off, the dot adds zeros
             a = tl.load(
                 a_ptr + slot_c64[None, :] * sas + rcol[None, :] * sar + kk[:, None] * sak,
@@ -224,16 +250,16 @@ def _fused_linear_kernel(
             xa = _mm(x.to(a_ptr.dtype.element_ty), a, xa, PREC_L, UPCAST_L)
 
     out = acc
-    if SHRINK == 1:
+    if SHRINK == _SHARED_SLOTS:
         sc = tl.load(scale_ptr + slot_c64, mask=cvalid, other=0.0).to(tl.float32)
         out = _expand_bcast(
             out, acc, xa * sc[None, :], slot_c64, cvalid, b_ptr, dora_ptr, ts_ptr, ncols64, nmask, jcol, rcol,
             sbs, sbr, sbn, sds, sdn, stj, DORA, J, PREC_L, UPCAST_L,
         )
-    elif SHRINK >= 2:
+    elif SHRINK == _PER_ROW_SLOTS or SHRINK == _PRESHRUNK:
         sl = tl.load(ts_ptr + rows64[:, None] * stm + jcol[None, :] * stj, mask=rmask[:, None] & cmask[None, :], other=-1)
         xa = tl.zeros((BM, JRP), dtype=tl.float32)
-        if SHRINK == 2:
+        if SHRINK == _PER_ROW_SLOTS:
             xa = _shrink_mixed(
                 xa, sl, x_ptr, ins_ptr, w_ptr, a_ptr, rows64, rmask, k_lo, k_hi,
                 sxm, sxk, sim, sik, sas, sar, sak, rcol, cmask, HAS_INS, BK, PREC_L, UPCAST_L,
@@ -247,7 +273,7 @@ def _fused_linear_kernel(
                         other=0.0,
                     )
         sc = tl.load(scale_ptr + tl.maximum(sl, 0), mask=sl >= 0, other=0.0).to(tl.float32)
-        if SHRINK == 3 and not DORA:
+        if SHRINK == _PRESHRUNK and not DORA:
             if pid_k == 0:  # the other K slices have nothing to add: skip their B reads
                 out = _expand_mixed(
                     out, acc, xa * sc, sl, b_ptr, dora_ptr, ts_ptr, rows64, rmask, ncols64, nmask, jcol, rcol, cmask,
@@ -288,7 +314,7 @@ def _lora_shrink_kernel(
 ):
     """xa[ks, m, c] = xs[m] . A[slot(m, j(c))][r(c)] over K slice ks, for a tile of BM rows.
 
-    The shrink of the "given" path: computed once per row tile, so every adapter's A is read
+    The shrink of the "preshrunk" path: computed once per row tile, so every adapter's A is read
     once per row tile that uses it, instead of once per output tile of the fused kernel.
     Rows without an adapter get zeros. Grid (row tiles, K slices).
     """
@@ -341,9 +367,9 @@ def _lora_add_kernel(
     """y = (yin + adapters) * output_scale for a BM-row tile and an N slice (SGMV style).
 
     yin = xs @ W.T + bias computed by cuBLAS; base (DoRA) = base_in - bias. The shrink runs once
-    per program over all of K, then the expand loops over the program's N slice.
-    SHRINK: 0 none (IA3 output scale only), 1 same slots for every row, 2 per-row slots,
-    3 xa precomputed by _lora_shrink_kernel (summed over its XA_SPLITS K slices).
+    per program over all of K, then the expand loops over the program's N slice. SHRINK is one
+    of the SHRINK_* modes above (SHRINK_NONE: the IA3 output scale only; SHRINK_PRESHRUNK: xa
+    from _lora_shrink_kernel, summed over its XA_SPLITS K slices).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -357,7 +383,7 @@ def _lora_add_kernel(
     LDT = a_ptr.dtype.element_ty
 
     live = False
-    if SHRINK == 1:
+    if SHRINK == _SHARED_SLOTS:
         slot_c = tl.load(ts_ptr + jcol * stj, mask=jcol < J, other=-1)
         cvalid = cmask & (slot_c >= 0)
         slot_c64 = tl.maximum(slot_c, 0).to(tl.int64)
@@ -378,7 +404,7 @@ def _lora_add_kernel(
                 xa = _mm(x.to(LDT), a, xa, PREC_L, UPCAST_L)
         sc = tl.load(scale_ptr + slot_c64, mask=cvalid, other=0.0).to(tl.float32)
         xa_s = xa * sc[None, :]
-    elif SHRINK == 2:
+    elif SHRINK == _PER_ROW_SLOTS:
         sl = tl.load(ts_ptr + rows64[:, None] * stm + jcol[None, :] * stj, mask=rmask[:, None] & cmask[None, :], other=-1)
         live = tl.max(sl) >= 0
         xa = _shrink_mixed(
@@ -387,7 +413,7 @@ def _lora_add_kernel(
         )
         sc = tl.load(scale_ptr + tl.maximum(sl, 0), mask=sl >= 0, other=0.0).to(tl.float32)
         xa_s = xa * sc
-    elif SHRINK == 3:
+    elif SHRINK == _PRESHRUNK:
         sl = tl.load(ts_ptr + rows64[:, None] * stm + jcol[None, :] * stj, mask=rmask[:, None] & cmask[None, :], other=-1)
         live = tl.max(sl) >= 0
         xa = tl.zeros((BM, JRP), dtype=tl.float32)
@@ -410,7 +436,7 @@ def _lora_add_kernel(
             ncols64 = ncols.to(tl.int64)
             m2 = rmask[:, None] & nmask[None, :]
             out = tl.load(yin_ptr + rows64[:, None] * syim + ncols64[None, :] * syin, mask=m2, other=0.0).to(tl.float32)
-            if SHRINK != 0:
+            if SHRINK != _NONE:
                 base = out
                 if DORA:
                     base = tl.load(
@@ -418,7 +444,7 @@ def _lora_add_kernel(
                     ).to(tl.float32)
                     if HAS_BIAS:
                         base -= tl.load(bias_ptr + ncols64, mask=nmask, other=0.0).to(tl.float32)[None, :]
-                if SHRINK == 1:
+                if SHRINK == _SHARED_SLOTS:
                     out = _expand_bcast(
                         out, base, xa_s, slot_c64, cvalid, b_ptr, dora_ptr, ts_ptr, ncols64, nmask, jcol, rcol,
                         sbs, sbr, sbn, sds, sdn, stj, DORA, J, PREC_L, UPCAST_L,

@@ -8,6 +8,8 @@ Semantics (``fastpeft/ops/_schema.py``)::
            y += (g - 1) * (xs @ weight.T) + g * lora  (DoRA, g = dora_scale[s])
     y = y * output_scale            -> [M, N] in x.dtype
 
+    lora_a [S, R, K]; lora_b [S, R, N] is B transposed (lora_b[s] = B_s.T)
+
 Kernels (``docs/kernels.md`` has the tiling and the reason for every constant):
 
 * ``_fused_linear_kernel``: one program computes a ``[BM, BN]`` tile of ``y``: the base
@@ -19,8 +21,8 @@ Kernels (``docs/kernels.md`` has the tiling and the reason for every constant):
   counter) reduces them in a fixed order (deterministic) and runs the epilogue.
 * ``_lora_shrink_kernel``: the shrink alone, ``xa = x @ A[slot].T`` for a tile of rows (any
   slots per row) into an fp32 buffer, so that each adapter's A is read once per row tile
-  instead of once per output tile; the fused kernel (``SHRINK=3``, the "given" path) or
-  ``_lora_add_kernel`` then only expand.
+  instead of once per output tile; the fused kernel (``SHRINK_PRESHRUNK``, the "preshrunk"
+  path) or ``_lora_add_kernel`` then only expand.
 * ``_lora_add_kernel``: SGMV-style shrink + expand for a row tile (or expand only, from the
   shrink kernel's xa), adding into the output that cuBLAS (``torch.nn.functional.linear``)
   already computed: the prefill alternative (the "split" path).
@@ -39,8 +41,15 @@ from torch import Tensor
 
 from . import tuning
 from ._common import strides2 as _strides2
-from ._interpret import INTERPRET  # noqa: F401  (lora_aot checks it)
-from .lora_jit import _fused_linear_kernel, _lora_add_kernel, _lora_shrink_kernel
+from .lora_jit import (
+    SHRINK_NONE,
+    SHRINK_PER_ROW_SLOTS,
+    SHRINK_PRESHRUNK,
+    SHRINK_SHARED_SLOTS,
+    _fused_linear_kernel,
+    _lora_add_kernel,
+    _lora_shrink_kernel,
+)
 from .lora_plan import _make_plan, _plans, _plans_generation
 
 
@@ -84,7 +93,7 @@ def adapter_linear(
         _plans_generation[0] = tuning.generation
     plan = _plans.get(key)
     if plan is None:
-        _check(x, weight, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale, has_lora)
+        _check(token_slots, has_lora)
         if M == 0 or N == 0:
             return x.new_empty(M, N)
         plan = _make_plan(*key)
@@ -175,9 +184,9 @@ def _run_split(plan, x, weight, bias, lora_a, lora_b, slot_scales, token_slots, 
         stj = token_slots.stride(1)
         sds, sdn = dora_scale.stride() if dora else (0, 0)
         a, b, sc = lora_a, lora_b, slot_scales
-        shrink = 1 if bcast else 2
+        shrink = SHRINK_SHARED_SLOTS if bcast else SHRINK_PER_ROW_SLOTS
         if plan.xa_splits:  # the shrink first (x read once), then expand-only programs
-            shrink = 3
+            shrink = SHRINK_PRESHRUNK
             xa = torch.empty(plan.xa_splits, M, meta["JRP"], device=x.device, dtype=torch.float32)
             _lora_shrink_kernel[(triton.cdiv(M, plan.xa_bm), plan.xa_splits)](
                 xs, y, weight, a, token_slots, xa,
@@ -190,7 +199,7 @@ def _run_split(plan, x, weight, bias, lora_a, lora_b, slot_scales, token_slots, 
     else:
         a = b = sc = y
         sas = sar = sak = sbs = sbr = sbn = stm = stj = sds = sdn = 0
-        shrink = 0
+        shrink = SHRINK_NONE
     yin = base
     for ci in range(n_chunks):
         j0 = ci * chunk
@@ -210,33 +219,9 @@ def _run_split(plan, x, weight, bias, lora_a, lora_b, slot_scales, token_slots, 
     return y
 
 
-def _check(x, weight, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale, has_lora):
-    """Shape checks, once per plan (the hot path does none)."""
-    M, K = x.shape
-    N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(f"adapter_linear: weight must be [N, K={K}], got {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (N,):
-        raise ValueError(f"adapter_linear: bias must be [{N}], got {tuple(bias.shape)}")
-    if input_scale is not None and input_scale.shape[-1] != K:
-        raise ValueError(f"adapter_linear: input_scale must be [K={K}] or [M, K], got {tuple(input_scale.shape)}")
-    if output_scale is not None and output_scale.shape[-1] != N:
-        raise ValueError(f"adapter_linear: output_scale must be [N={N}] or [M, N], got {tuple(output_scale.shape)}")
-    if not has_lora:
-        return
-    if lora_b is None or slot_scales is None:
-        raise ValueError("adapter_linear: lora_a given without lora_b / slot_scales")
-    S, R, Ka = lora_a.shape
-    if Ka != K or tuple(lora_b.shape) != (S, R, N):
-        raise ValueError(
-            f"adapter_linear: lora_a must be [S, R, K={K}] and lora_b [S, R, N={N}], got "
-            f"{tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
-        )
-    if lora_a.dtype != lora_b.dtype:
-        raise ValueError(f"adapter_linear: lora_a and lora_b dtypes differ ({lora_a.dtype} vs {lora_b.dtype})")
-    if token_slots.dim() != 2 or token_slots.shape[0] not in (1, M):
-        raise ValueError(f"adapter_linear: token_slots must be [M={M} or 1, J], got {tuple(token_slots.shape)}")
-    if token_slots.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"adapter_linear: token_slots must be int32, got {token_slots.dtype}")
-    if dora_scale is not None and tuple(dora_scale.shape) != (S, N):
-        raise ValueError(f"adapter_linear: dora_scale must be [S={S}, N={N}], got {tuple(dora_scale.shape)}")
+def _check(token_slots, has_lora):
+    """What only these kernels need, once per plan (the operator checked the shapes,
+    :mod:`fastpeft.ops._checks`; the hot path checks nothing): slots in int32 or int64, the
+    index types the kernels are compiled and tested with."""
+    if has_lora and token_slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"adapter_linear: the Triton kernels take token_slots in int32 or int64, got {token_slots.dtype}")

@@ -8,6 +8,7 @@ factor or a tile (tests, benchmarks, ``bench/bench_linear.py --tune``).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -19,6 +20,7 @@ from ._common import ASSUMED_SMS  # noqa: F401  (part of the planner's rules as 
 from ._common import num_sms as _num_sms
 from ._common import pow2 as _pow2
 from ._interpret import INTERPRET
+from .lora_jit import SHRINK_NONE, SHRINK_PER_ROW_SLOTS, SHRINK_PRESHRUNK, SHRINK_SHARED_SLOTS
 
 # ---------------------------------------------------------------------------------------------
 # Dispatch thresholds. PROVISIONAL: chosen by reasoning about an H100 (SXM, 132 SMs, 3.35 TB/s,
@@ -31,7 +33,7 @@ from ._interpret import INTERPRET
 # To measure: tokens 1..64 at 4096x4096, decode vs fused tiling.
 DECODE_MAX_ROWS = 16
 
-# Rows up to this run the fused kernel ("decode", "fused" or "given"); above it cuBLAS
+# Rows up to this run the fused kernel ("decode", "fused" or "preshrunk"); above it cuBLAS
 # computes the base and _lora_add_kernel adds the adapters ("split"). 256 is about the H100 ridge point for a bf16 linear
 # (arithmetic intensity ~ M FLOP/byte vs 990 TFLOP/s / 3.35 TB/s ~ 295): below it the layer is
 # memory-bound and one pass over W wins; above it cuBLAS' GEMM efficiency matters more than
@@ -43,14 +45,14 @@ FUSED_MAX_ROWS = 256
 # distinct adapter, a fraction JRP * a_bytes / (BN * w_bytes) of the weight's bytes (0.25 for
 # rank 16 fp32 adapters on a bf16 weight at BN = 128, whatever the layer's shape). When the
 # estimated re-read, tiles_M * distinct * that fraction, exceeds MAX_AREREAD_FRACTION, the
-# "given" path computes xa once per row tile first (_lora_shrink_kernel, a second launch) and
+# "preshrunk" path computes xa once per row tile first (_lora_shrink_kernel, a second launch) and
 # the fused kernel only expands. 0.5: half the weight's bytes again from L2 (about 2x HBM
 # bandwidth on H100) costs about a quarter of the base time, about one extra launch for a
 # 4096x4096 decode. To measure: tokens 1..256, ranks 16..128, 1..64 distinct adapters,
-# "decode"/"fused" vs "given".
+# "decode"/"fused" vs "preshrunk".
 MAX_AREREAD_FRACTION = 0.5
 # A mixed batch with more possible distinct adapters than this, min(S, M*J), always takes the
-# "given" path: the one-launch kernel re-reads x once per distinct adapter in every tile.
+# "preshrunk" path: the one-launch kernel re-reads x once per distinct adapter in every tile.
 FUSED_MAX_DISTINCT = 4
 
 # Split path: at most this many N slices per row tile in the one-kernel shrink + expand (each
@@ -122,9 +124,25 @@ def _rules(dev: torch.device) -> SimpleNamespace:
 # Plans (cached per shape; lora_linear looks them up and launches)
 # ---------------------------------------------------------------------------------------------
 
-PATHS = ("decode", "fused", "given", "split")
+#: the paths of a plan: "decode" / "fused" (one launch of the fused kernel, decode or GEMM
+#: tiling, the shrink inside it), "preshrunk" (_lora_shrink_kernel computes xa = xs @ A[slot].T
+#: per row tile first, then the fused kernel takes that pre-computed product), "split" (cuBLAS
+#: base, then _lora_add_kernel adds the adapters)
+PATHS = ("decode", "fused", "preshrunk", "split")
+#: where the split path's shrink runs: "inside" _lora_add_kernel, or "preshrunk" (the shrink kernel first)
+SPLIT_SHRINKS = ("inside", "preshrunk")
 
 _overrides: dict = {"path": None, "split_k": None, "split_shrink": None, "tile": None}
+
+
+def _current_name(value: str | None, what: str) -> str | None:
+    """A path name as it is called now: an old one (``tuning.RENAMED_VALUES``: "given") maps to
+    its new name with a DeprecationWarning."""
+    new = tuning.RENAMED_VALUES.get(value) if isinstance(value, str) else None
+    if new is None:
+        return value
+    warnings.warn(f"fastpeft: {what} {value!r} is now called {new!r}", DeprecationWarning, stacklevel=4)
+    return new
 
 
 @contextlib.contextmanager
@@ -132,16 +150,17 @@ def override(path: str | None = None, split_k: int | None = None, split_shrink: 
              tile: tuple | None = None):
     """Force a path and/or a split-K factor (tests, benchmarks); plans made inside are dropped after.
 
-    path: "decode" / "fused" (the fused kernel with decode or GEMM tiling, shrink inside it),
-    "given" (row-tile shrink kernel, then the fused kernel), "split" (cuBLAS base, then
-    _lora_add_kernel). split_shrink (split path only): "inside" (one kernel) or "given" (the
-    shrink kernel first). tile (fused kernel): (BM, BN, BK, num_warps, num_stages) before the
-    shared-memory and shape clamps (``bench/bench_linear.py --tune`` sweeps it).
+    path: one of :data:`PATHS`. split_shrink (split path only): one of :data:`SPLIT_SHRINKS`.
+    tile (fused kernel): (BM, BN, BK, num_warps, num_stages) before the shared-memory and shape
+    clamps (``bench/bench_linear.py --tune`` sweeps it). The old name "given" of "preshrunk" is
+    still accepted, with a DeprecationWarning.
     """
+    path = _current_name(path, "path")
+    split_shrink = _current_name(split_shrink, "split_shrink")
     if path is not None and path not in PATHS:
         raise ValueError(f"unknown path {path!r}; expected one of {PATHS}")
-    if split_shrink not in (None, "inside", "given"):
-        raise ValueError(f"unknown split_shrink {split_shrink!r}; expected 'inside' or 'given'")
+    if split_shrink is not None and split_shrink not in SPLIT_SHRINKS:
+        raise ValueError(f"unknown split_shrink {split_shrink!r}; expected one of {SPLIT_SHRINKS}")
     old = dict(_overrides)
     _overrides.update(path=path, split_k=split_k, split_shrink=split_shrink, tile=None if tile is None else tuple(tile))
     _plans.clear()
@@ -159,10 +178,10 @@ class Plan(NamedTuple):
     meta: dict  # constexprs + launch options of the main kernel
     split_k: int
     k_per_split: int
-    xa_splits: int  # "given": K slices of the shrink kernel (0: no shrink kernel)
+    xa_splits: int  # shrink kernel first ("preshrunk", split shrink "preshrunk"): its K slices (0: none)
     xa_k_per_split: int
     xa_bk: int
-    xa_bm: int  # "given": rows per program of the shrink kernel
+    xa_bm: int  # rows per program of the shrink kernel
     n_per_prog: int  # "split": N columns per program of _lora_add_kernel
     j_chunk: int  # "split": adapters per _lora_add_kernel launch
 
@@ -233,7 +252,7 @@ def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_
     upcast_l = INTERPRET and has_lora and ldt == torch.bfloat16
     common = dict(J=max(J, 1), RP=RP, JRP=JRP, PREC_L=prec_l, UPCAST_L=upcast_l)
     forced = _overrides["path"]
-    forced_add = _overrides.get("split_shrink")
+    forced_split_shrink = _overrides.get("split_shrink")
 
     # ---- which path ----
     if forced is not None:
@@ -247,7 +266,7 @@ def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_
         limit = min(L.DECODE_MAX_JRP if path == "decode" else L.FUSED_MAX_JRP, L.IEEE_MAX_JRP if ieee else 1 << 30)
         if has_lora and JRP > limit:
             path = "split"
-    if path == "given" and not has_lora:
+    if path == "preshrunk" and not has_lora:
         path = "decode" if M <= L.DECODE_MAX_ROWS else "fused"
 
     if path == "split":
@@ -273,11 +292,12 @@ def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_
         m_tiles = triton.cdiv(M, BM)
         nsplit = max(1, min(n_tiles, L.ADD_MAX_NSPLIT, (L.TARGET_WAVES * sms + m_tiles - 1) // m_tiles))
         xs_bytes = M * K * torch.empty((), dtype=xdt).element_size()
-        given = has_lora and J <= j_chunk and (
-            forced_add == "given" or (forced_add is None and (nsplit - 1) * xs_bytes > L.MAX_XREREAD_FRACTION * N * K * esize)
+        preshrunk = has_lora and J <= j_chunk and (
+            forced_split_shrink == "preshrunk"
+            or (forced_split_shrink is None and (nsplit - 1) * xs_bytes > L.MAX_XREREAD_FRACTION * N * K * esize)
         )
         xa_splits = xa_k = xa_bk = xa_bm = 0
-        if given:
+        if preshrunk:
             BM = min(64, max(16, _pow2(M)), max(16, 8192 // jrp_chunk))
             m_tiles, nsplit = triton.cdiv(M, BM), n_tiles
             xa_bm = BM
@@ -313,7 +333,7 @@ def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_
     if forced is None and has_lora and path in ("decode", "fused"):
         reread = m_tiles * min(distinct, BM) * JRP * lsize / (BN * esize)
         if (not bcast and distinct > L.FUSED_MAX_DISTINCT) or reread > L.MAX_AREREAD_FRACTION:
-            path = "given"
+            path = "preshrunk"
 
     sk = _overrides["split_k"]
     if sk is None:
@@ -323,14 +343,14 @@ def _make_plan(dev, M, N, K, xdt, wdt, ldt, R, J, bcast, S, has_bias, dora, has_
     sk = max(1, triton.cdiv(K, k_per))
 
     if not has_lora:
-        shrink = 0
-    elif path == "given":
-        shrink = 3
+        shrink = SHRINK_NONE
+    elif path == "preshrunk":
+        shrink = SHRINK_PRESHRUNK
     else:
-        shrink = 1 if bcast else 2
+        shrink = SHRINK_SHARED_SLOTS if bcast else SHRINK_PER_ROW_SLOTS
 
     xa_splits = xa_k = xa_bk = xa_bm = 0
-    if shrink == 3:
+    if shrink == SHRINK_PRESHRUNK:
         # shrink kernel: 16-row tiles for decode, 64 above (A read once per row tile); K slices
         # (>= MIN_K_PER_SHRINK) until there are TARGET_WAVES programs per SM
         xa_bm = 16 if M <= L.DECODE_MAX_ROWS else 64

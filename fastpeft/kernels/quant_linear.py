@@ -7,7 +7,7 @@ Semantics (``fastpeft/ops/_schema.py``, reference in ``fastpeft/ops/reference.py
     y  = (xs.to(cd) @ W.T + bias).to(x.dtype)
     for j: s = token_slots[:, j]; lora = (xs @ lora_a[s].T) @ lora_b[s] * slot_scales[s]
            y += lora  |  y += (g - 1) * (xs @ W.T) + g * lora   (DoRA, g = dora_scale[s])
-    y  = y * output_scale
+    y  = y * output_scale                   lora_a [S, R, K]; lora_b [S, R, N] is B transposed
 
 ``_quant_linear_kernel`` (one launch: the packed weight is read once)
     A program owns a ``[BM, BN]`` output tile and a slice of K (``SPLIT_K`` slices). Per K step

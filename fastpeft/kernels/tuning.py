@@ -10,7 +10,9 @@ with the file's values for the current device on top. The file is only data:
 * no file for the device: the module's constants, silently;
 * a file that is not valid JSON, or not an object: a warning, and the module's constants;
 * a key the planner does not know, or a value of the wrong type or out of range: a warning
-  naming the key, and the module's constant for that key (the other keys still apply).
+  naming the key, and the module's constant for that key (the other keys still apply);
+* a value that is an old name (:data:`RENAMED_VALUES`: the path "given" is now "preshrunk"):
+  a warning, and the value read under its new name.
 
 The format (one section per planner; any other top-level key is metadata and ignored)::
 
@@ -34,6 +36,10 @@ from pathlib import Path
 import torch
 
 CONFIG_DIR = Path(__file__).with_name("configs")
+
+#: old name -> new name of the values a file may hold (paths of ``lora_plan.PATHS``): a file
+#: written before a rename still loads, with a warning (``lora_plan.override`` reads them too)
+RENAMED_VALUES = {"given": "preshrunk"}
 
 # device name -> parsed file (or {} when there is none / it is malformed), so a file is read once
 _files: dict[tuple[str, str], dict] = {}
@@ -110,13 +116,15 @@ def _pow2(v) -> bool:
 
 
 def _valid(default, value) -> bool:
-    """Same kind as the built-in value: a positive int, a positive number, or a tile.
+    """Same kind as the built-in value: a positive int, a positive number, a name, or a tile.
 
     A tile (the 5-tuples ``(BM, BN, BK, num_warps, num_stages)``) must compile: BM, BN and BK
     powers of two >= 16 (``tl.arange`` and ``tl.dot``), num_warps a power of two up to 16,
     num_stages >= 1."""
     if isinstance(default, bool):
         return isinstance(value, bool)
+    if isinstance(default, str):  # a name (e.g. a path): any non-empty string; the planner rejects unknown ones
+        return isinstance(value, str) and bool(value)
     if isinstance(default, int):
         return _is_int(value) and value > 0
     if isinstance(default, float):
@@ -156,6 +164,10 @@ def _apply(planner: str, device: torch.device, defaults: dict) -> dict:
     for key, value in section.items():
         if key.startswith("_"):  # "_meta": who wrote the section, and when
             continue
+        if isinstance(value, str) and value in RENAMED_VALUES:
+            _warn_once(path, planner, f"{planner}.{key} = {value!r} is the old name of {RENAMED_VALUES[value]!r}; "
+                                      f"read as {RENAMED_VALUES[value]!r}", fallback=False)
+            value = RENAMED_VALUES[value]
         if key not in defaults:
             _warn_once(path, planner, f"{planner}.{key} is not a tunable of this planner "
                                       f"(known: {', '.join(sorted(defaults))})")
@@ -170,11 +182,12 @@ def _apply(planner: str, device: torch.device, defaults: dict) -> dict:
 _warned: set = set()
 
 
-def _warn_once(path: Path, planner: str, what: str) -> None:
+def _warn_once(path: Path, planner: str, what: str, fallback: bool = True) -> None:
     key = (str(path), what)
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"fastpeft: tuning file {path}: {what}; using the built-in value", stacklevel=4)
+        tail = "; using the built-in value" if fallback else ""
+        warnings.warn(f"fastpeft: tuning file {path}: {what}{tail}", stacklevel=4)
 
 
 def write(name: str, planner: str, values: dict, meta: dict | None = None, directory: Path | None = None) -> Path:

@@ -1,8 +1,10 @@
 """The fastpeft operators: definitions, fake (meta) kernels and autograd, in one file.
 
-Every operator is a ``torch.library.custom_op`` whose body asks the backend registry
-(:mod:`fastpeft.ops.backends`) for the implementation chosen for the input's device, so the
-backend choice happens in one place and ``torch.compile`` sees one opaque node per call.
+Every operator is a ``torch.library.custom_op`` whose body checks its arguments (one function
+per operator in :mod:`fastpeft.ops._checks`, so a bad argument gets the same ``ValueError``
+from every backend), then asks the backend registry (:mod:`fastpeft.ops.backends`) for the
+implementation chosen for the input's device, so the backend choice happens in one place and
+``torch.compile`` sees one opaque node per call.
 
 Autograd: the backward recomputes the forward with the pure-PyTorch reference and
 differentiates that, so every backend trains with exact gradients (at the cost of one extra
@@ -40,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import _checks, backends, reference
 
 LIB = "fastpeft"
 
@@ -58,7 +60,13 @@ def adapter_linear(
     input_scale: Tensor | None,
     output_scale: Tensor | None,
 ) -> Tensor:
-    """Base linear fused with LoRA / DoRA / IA3 for one or many adapters (see module docstring)."""
+    """Base linear fused with LoRA / DoRA / IA3 for one or many adapters (see module docstring).
+
+    ``lora_b`` is B transposed, ``[S, R, N]``. The arguments are checked
+    (:func:`fastpeft.ops._checks.adapter_linear`: ``ValueError``) before a backend is chosen.
+    """
+    _checks.adapter_linear(x, weight, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale,
+                           output_scale)
     fn = backends.resolve("adapter_linear", x.device.type)
     return fn(x, weight, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale)
 
@@ -81,9 +89,11 @@ def adapter_embedding(
 ) -> Tensor:
     """Embedding lookup plus LoRA: ``weight[ids] + sum_j lora_a[s].T[ids] @ lora_b[s] * scale[s]``.
 
-    ids [M] int, weight [V, D], lora_a [S, R, V], lora_b [S, R, D], slot_scales [S],
-    token_slots [M or 1, J] (-1 = none). Returns [M, D] in weight's dtype.
+    ids [M] int, weight [V, D], lora_a [S, R, V], lora_b [S, R, D] (B transposed: lora_b[s] =
+    B_s.T), slot_scales [S], token_slots [M or 1, J] (-1 = none). Returns [M, D] in weight's
+    dtype. Checked by :func:`fastpeft.ops._checks.adapter_embedding` before a backend is chosen.
     """
+    _checks.adapter_embedding(ids, weight, lora_a, lora_b, slot_scales, token_slots)
     fn = backends.resolve("adapter_embedding", weight.device.type)
     return fn(ids, weight, lora_a, lora_b, slot_scales, token_slots)
 
@@ -163,9 +173,13 @@ def adapter_linear_4bit(
     nested_absmax [ceil(n_blocks/nested_blocksize)] float32 | None; nested_code [256] float32;
     nested_offset [] float32:  absmax = nested_code[absmax_q] * nested_absmax[b // 256] + offset
     out_features  N;  compute_dtype: dtype of W and of the base product (None: x.dtype);
-                  ``y = linear(xs.to(cd), W, bias).to(x.dtype)`` + adapters as adapter_linear.
-    Returns [M, N] in x.dtype.
+                  ``y = linear(xs.to(cd), W, bias).to(x.dtype)`` + adapters as adapter_linear
+                  (lora_b is B transposed, [S, R, N]).
+    Returns [M, N] in x.dtype. Checked by :func:`fastpeft.ops._checks.adapter_linear_4bit`.
     """
+    _checks.adapter_linear_4bit(x, qweight, absmax, code, nested_absmax, nested_code, nested_offset, out_features,
+                                blocksize, nested_blocksize, compute_dtype, bias, lora_a, lora_b, slot_scales,
+                                token_slots, dora_scale, input_scale, output_scale)
     fn = backends.resolve("adapter_linear_4bit", x.device.type)
     return fn(x, qweight, absmax, code, nested_absmax, nested_code, nested_offset, out_features, blocksize,
               nested_blocksize, compute_dtype, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale,
@@ -198,8 +212,11 @@ def adapter_linear_8bit(
 
     qweight [N, K] int8 (LLM.int8 ``CB``), row_scale [N] float32 (``SCB``). The base product
     runs in x's dtype (weight-only dequantization, as bitsandbytes' ``MatMul8bitFp``; its int8
-    GPU path also quantizes x). Returns [M, N] in x.dtype.
+    GPU path also quantizes x). Adapters as adapter_linear (lora_b is B transposed, [S, R, N]).
+    Returns [M, N] in x.dtype. Checked by :func:`fastpeft.ops._checks.adapter_linear_8bit`.
     """
+    _checks.adapter_linear_8bit(x, qweight, row_scale, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale,
+                                input_scale, output_scale)
     fn = backends.resolve("adapter_linear_8bit", x.device.type)
     return fn(x, qweight, row_scale, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale, output_scale)
 

@@ -31,7 +31,7 @@ def lora_shrink_expand_reference(
 ) -> Tensor:
     """PyTorch semantics of ``native_lora_shrink_expand``.
 
-    y [M, N], x [M, K], lora_a [S, R, K], lora_b [S, R, N], slot_scales [S], token_slots
+    y [M, N], x [M, K], lora_a [S, R, K], lora_b [S, R, N] (B transposed), slot_scales [S], token_slots
     [M or 1, J] int32 (-1 = none). Returns, in y's dtype, a new tensor
     ``y + sum_j ((x.to(A.dtype) @ lora_a[s].T) @ lora_b[s]) * slot_scales[s]``, s = token_slots[:, j].
     """

@@ -21,7 +21,7 @@ GATHER_LIMIT = 1 << 24
 def lora_rows(xl: Tensor, lora_a: Tensor, lora_b: Tensor, slot_scales: Tensor, slots: Tensor) -> Tensor:
     """Per-row low-rank product ``((xl[m] @ lora_a[s].T) @ lora_b[s]) * slot_scales[s]``, ``s = slots[m]``.
 
-    xl [M, K] (already in the adapters' dtype), lora_a [S, R, K], lora_b [S, R, N],
+    xl [M, K] (already in the adapters' dtype), lora_a [S, R, K], lora_b [S, R, N] (B transposed),
     slot_scales [S], slots [M] (int, -1 = none: that row's result is 0). Returns [M, N].
     """
     M = xl.shape[0]
@@ -121,7 +121,7 @@ def adapter_embedding(
 ) -> Tensor:
     """Reference for ``torch.ops.fastpeft.adapter_embedding``.
 
-    ids [M] int, weight [V, D], lora_a [S, R, V], lora_b [S, R, D]:
+    ids [M] int, weight [V, D], lora_a [S, R, V], lora_b [S, R, D] (B transposed):
     ``weight[ids] + sum_j lora_a[s].T[ids] @ lora_b[s] * scale[s]`` with s = token_slots[:, j].
     """
     y = F.embedding(ids, weight)

@@ -9,44 +9,27 @@ The kernels and the dispatcher live in :mod:`fastpeft.kernels`.
 from __future__ import annotations
 
 import importlib.util
-import os
 
-import torch
-
+from ..kernels._interpret import cuda_usable, interpret_requested
 from . import backends
 
 _BACKEND = "triton"
 
 
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _cuda_usable() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    try:
-        major, _ = torch.cuda.get_device_capability()
-    except Exception as e:  # pragma: no cover - broken driver
-        return False, f"CUDA device not usable: {e}"
-    if major < 7:
-        return False, f"CUDA device has compute capability {major}.x; the Triton kernels need 7.0 or newer"
-    return True, ""
-
-
 def _devices() -> tuple[tuple[str, ...], str]:
     """Device types the Triton kernels can run on here, and why not when there are none.
 
-    Decided without importing Triton (``import triton`` costs about 0.17 s here): the kernels,
-    and with them Triton, are imported only when some device can run them.
+    Decided without importing Triton (``import triton`` costs about 0.17 s here;
+    :mod:`fastpeft.kernels._interpret` holds both tests): the kernels, and with them Triton,
+    are imported only when some device can run them.
     """
     if importlib.util.find_spec("triton") is None:
         return (), "triton is not installed; pip install triton (or pip install fastpeft[triton])"
     devices = []
-    cuda_ok, why_not = _cuda_usable()
+    cuda_ok, why_not = cuda_usable()
     if cuda_ok:
         devices.append("cuda")
-    if _interpret_requested():
+    if interpret_requested():
         devices.append("cpu")
     if not devices:
         return (), (
