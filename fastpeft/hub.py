@@ -135,7 +135,13 @@ def _hub_download(repo_id, filename, subfolder, revision, token, cache_dir, requ
     except LocalEntryNotFoundError as exc:
         if not required:
             return None
-        reason = "offline mode is on (HF_HUB_OFFLINE=1 or local_files_only)" if offline else "the Hub is unreachable"
+        status = _http_status(exc)
+        if offline:
+            reason = "offline mode is on (HF_HUB_OFFLINE=1 or local_files_only)"
+        elif status is not None:  # huggingface_hub reports an HTTP error of its metadata call this way
+            reason = f"the Hub answered HTTP {status} ({_cause_text(exc)})"
+        else:
+            reason = "the Hub is unreachable"
         raise AdapterNotFoundError(
             f"Cannot find '{filename}' for {where}: it is not in the local Hub cache and {reason}. "
             "Download it while online, or pass a local folder."
@@ -148,3 +154,29 @@ def _hub_download(repo_id, filename, subfolder, revision, token, cache_dir, requ
         raise AdapterNotFoundError(
             f"Cannot download '{filename}' from {where}: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    e = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status code of the first error in ``exc``'s cause chain that carries a response."""
+    for e in _causes(exc):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _cause_text(exc: BaseException) -> str:
+    for e in _causes(exc):
+        if getattr(getattr(e, "response", None), "status_code", None) is not None:
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return type(exc).__name__
+

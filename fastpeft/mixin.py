@@ -33,12 +33,13 @@ class AdapterMixin:
         if adapter_state_dict is None:
             adapter_state_dict = checkpoint.load_adapter_weights(peft_model_id, **hub_kw)
         peft_config.inference_mode = not is_trainable
-        tuner.inject(self, peft_config, adapter_name, weights=adapter_state_dict)
-        if not is_trainable:
+        def freeze():
             for layer in tuner.adapter_layers(self):
                 if adapter_name in layer._adapters:
                     for p in layer._params_of(adapter_name):
                         p.requires_grad_(False)
+
+        tuner.inject(self, peft_config, adapter_name, weights=adapter_state_dict, finish=None if is_trainable else freeze)
         self._hf_peft_config_loaded = True
 
     def add_adapter(self, adapter_config: PeftConfig, adapter_name: str | None = None) -> None:

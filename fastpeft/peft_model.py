@@ -130,9 +130,9 @@ class PeftModel(nn.Module):
         weights = checkpoint.load_adapter_weights(model_id, **hub_kw)
         config.inference_mode = not is_trainable
         config = targeting.with_task_defaults(config)
-        tuner.inject(self.base_model.model, config, adapter_name, autocast_adapter_dtype=self._autocast, weights=weights)
-        if not is_trainable:
-            self._freeze_adapters(adapter_name)
+        finish = None if is_trainable else (lambda: self._freeze_adapters(adapter_name))
+        tuner.inject(self.base_model.model, config, adapter_name, autocast_adapter_dtype=self._autocast, weights=weights,
+                     finish=finish)
         return self
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:

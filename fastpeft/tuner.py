@@ -81,9 +81,10 @@ def _adapter_dtype(base: nn.Module, autocast: bool) -> torch.dtype | None:
 
 
 def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
-           autocast_adapter_dtype: bool = False, weights: dict | None = None) -> list[str]:
+           autocast_adapter_dtype: bool = False, weights: dict | None = None, finish=None) -> list[str]:
     """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place, and fill it
-    from ``weights`` (a PEFT-format state dict) when given.
+    from ``weights`` (a PEFT-format state dict) when given. ``finish()``: the caller's last step
+    (e.g. freezing the new adapter), rolled back with the rest when it raises.
 
     Returns the module paths that got the adapter. Raises (model unchanged: every layer it
     created is unwrapped again) for a duplicate name, a config of another method than the
@@ -108,6 +109,7 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
     save_paths = targeting.find_modules_to_save(model, config) if getattr(config, "modules_to_save", None) else []
     created: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child name, original) to undo
     configs[adapter_name] = config
+    base_flags = [(p, p.requires_grad) for _, p in _base_named_parameters(model)]  # restored on failure
     try:
         for path in paths:
             module = model.get_submodule(path)
@@ -140,7 +142,10 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
             layer.enable_adapters(enabled)
         if weights is not None:
             load_weights(model, weights, adapter_name, config)
-    except Exception:
+        _freeze_base(model)
+        if finish is not None:
+            finish()
+    except BaseException:  # KeyboardInterrupt too: all or nothing, then re-raised
         _remove_adapter_from_layers(model, adapter_name)
         for parent, child, original in reversed(created):
             setattr(parent, child, original)
@@ -150,8 +155,10 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
         else:
             for layer in adapter_layers(model):
                 layer.set_adapter(active_adapters(model))
+        for p, flag in base_flags:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
         raise
-    _freeze_base(model)
     return paths
 
 

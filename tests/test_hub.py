@@ -195,6 +195,23 @@ def test_hub_errors_are_converted(monkeypatch, exc, match):
     assert isinstance(info.value.__cause__, Exception)
 
 
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_http_error_behind_a_cache_miss_is_reported_with_its_status(monkeypatch, status):
+    """huggingface_hub turns an HTTP error of its metadata call into LocalEntryNotFoundError when
+    the file is not cached: the message must give the status, not "unreachable"."""
+
+    def fake_download(*args, **kwargs):
+        try:
+            raise errors.HfHubHTTPError(f"{status} Server Error", response=_response(status))
+        except errors.HfHubHTTPError as http:
+            raise errors.LocalEntryNotFoundError("An error happened while trying to locate the file") from http
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(AdapterNotFoundError, match=f"answered HTTP {status}") as info:
+        resolve_file("owner/x", "f.json")
+    assert "unreachable" not in str(info.value)
+
+
 def test_missing_entry_is_optional(monkeypatch):
     def fake_download(*args, **kwargs):
         raise errors.RemoteEntryNotFoundError("404", response=_response())

@@ -1,0 +1,92 @@
+"""Faults while loading: any exception, ``BaseException`` included, leaves the model as it was
+(same modules, parameters bit for bit, requires_grad flags, adapters, outputs) and is re-raised;
+a retry then works."""
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+import fastpeft
+from fastpeft import tuner
+
+from models import fresh_copy, logits, randomize_adapters, tiny
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    base, inputs = tiny("llama")
+    pristine = fresh_copy(base)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(pm)
+    pm.save_pretrained(str(tmp_path / "a"))
+    return pristine, inputs, str(tmp_path / "a")
+
+
+def _state(model):
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    kinds = [(n, type(m).__name__) for n, m in model.named_modules()]
+    return sd, flags, kinds
+
+
+def _assert_same(before, after):
+    sd0, flags0, kinds0 = before
+    sd1, flags1, kinds1 = after
+    assert kinds1 == kinds0 and flags1 == flags0 and sd1.keys() == sd0.keys()
+    for k in sd0:
+        assert torch.equal(sd0[k], sd1[k]), k
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def _broken_freeze(model):
+    raise RuntimeError("freeze failed")
+
+
+@pytest.mark.parametrize("where,exc", [("load_weights", KeyboardInterrupt), ("_freeze_base", RuntimeError),
+                                       ("_add_to_layer", KeyboardInterrupt)])
+def test_peft_model_load_adapter_rolls_back_on_any_exception(saved, monkeypatch, where, exc):
+    pristine, inputs, folder = saved
+    fm = fastpeft.PeftModel(fresh_copy(pristine), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    fm.eval()
+    kw = inputs()
+    before, out = _state(fm), logits(fm, kw)
+    with monkeypatch.context() as mp:
+        mp.setattr(tuner, where, _interrupt if exc is KeyboardInterrupt else _broken_freeze)
+        with pytest.raises(exc):
+            fm.load_adapter(folder, adapter_name="other")
+    _assert_same(before, _state(fm))
+    assert list(fm.peft_config) == ["default"] and torch.equal(logits(fm, kw), out)
+    fm.load_adapter(folder, adapter_name="other")  # the retry works: nothing "already exists"
+    assert list(fm.peft_config) == ["default", "other"]
+
+
+def test_mixin_load_adapter_rolls_back_on_keyboard_interrupt(saved, monkeypatch):
+    pristine, inputs, folder = saved
+    model = fastpeft.with_adapters(fresh_copy(pristine))
+    before = _state(model)
+    kw = inputs()
+    out = logits(model, kw)
+    with monkeypatch.context() as mp:
+        mp.setattr(tuner, "load_weights", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            model.load_adapter(folder, adapter_name="x")
+    _assert_same(before, _state(model))
+    assert torch.equal(logits(model, kw), out)
+    model.load_adapter(folder, adapter_name="x")
+    assert model.active_adapters() == ["x"]
+
+
+def test_freeze_after_inject_interrupted_is_rolled_back(saved, monkeypatch):
+    pristine, inputs, folder = saved
+    fm = fastpeft.PeftModel(fresh_copy(pristine), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    before = _state(fm)
+    with monkeypatch.context() as mp:
+        mp.setattr(fastpeft.PeftModel, "_freeze_adapters", lambda self, name: _interrupt())
+        with pytest.raises(KeyboardInterrupt):
+            fm.load_adapter(folder, adapter_name="other")
+    _assert_same(before, _state(fm))
+    assert list(fm.peft_config) == ["default"]
