@@ -163,3 +163,61 @@ def test_offload_capacity_can_shrink():
             ref.set_adapter(n)
             torch.testing.assert_close(fm(x), ref(x), atol=1e-6, rtol=1e-6)
     assert fm.get_base_model()[0].bank.a.shape[0] == 2
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3", "embedding"])
+def test_delete_adapter_frees_its_memory_before_returning(kind):
+    import gc
+    import weakref
+
+    torch.manual_seed(2)
+    if kind == "lora":
+        layer = _layer([3, 5])
+        x = torch.randn(2, K)
+    elif kind == "ia3":
+        layer = IA3Linear(nn.Linear(K, N), is_feedforward=False)
+        for n in ("a0", "a1"):
+            layer.add_adapter(n, init_ia3_weights=False)
+        layer.set_adapter("a0")
+        x = torch.randn(2, K)
+    else:
+        layer = LoraEmbedding(nn.Embedding(K, N))
+        for i, n in enumerate(("a0", "a1")):
+            layer.add_adapter(n, r=2 + i, lora_alpha=4, init_lora_weights=False)
+        layer.set_adapter("a0")
+        x = torch.randint(0, K, (2, 3))
+    layer.eval().requires_grad_(False)
+    with torch.no_grad():
+        layer(x)
+        layer(x)
+    stack = layer.bank.stack if kind == "ia3" else layer.bank.a
+    old = weakref.ref(stack)
+    del stack
+    layer.delete_adapter("a1")
+    gc.collect()
+    assert old() is None  # the stacks that held a1 are gone
+    kept = layer.bank.stack if kind == "ia3" else layer.bank.a
+    assert kept is not None and kept.shape[0] == (2 if kind == "ia3" else 1)
+    with torch.no_grad():
+        expected = layer._forward_unfused(x, ["a0"]) if kind != "ia3" else None
+        got = layer(x)
+    if expected is not None:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    layer.delete_adapter("a0")
+    assert not layer.bank.holds_stacks()
+
+
+def test_every_layer_kind_survives_a_cast():
+    lin = nn.Linear(K, N)
+    layers = [LoraLinear(copy.deepcopy(lin)), IA3Linear(copy.deepcopy(lin), is_feedforward=True),
+              LoraEmbedding(nn.Embedding(K, N)), ModulesToSaveWrapper(copy.deepcopy(lin))]
+    for layer in layers:
+        if isinstance(layer, IA3Linear):
+            layer.add_adapter("a")
+        elif isinstance(layer, ModulesToSaveWrapper):
+            layer.add_adapter("a")
+        else:
+            layer.add_adapter("a", r=2, lora_alpha=4)
+        layer.set_adapter("a")
+        layer.to(torch.float64)
+        assert layer.bank.stale and layer.get_base_layer().weight.dtype == torch.float64

@@ -83,6 +83,15 @@ class AdapterBank(SlotTable):
     def nbytes(self) -> int:
         return 0 if self.a is None else self.a.nbytes + self.bt.nbytes
 
+    def holds_stacks(self) -> bool:
+        return self.a is not None
+
+    def drop_stacks(self) -> None:
+        self.a = self.bt = self.scales = None
+        self.aliased, self.copies, self.scale_src, self.starts, self.dora = {}, {}, {}, [], None
+        self.mark_stale()
+        self.set_page_table(None)
+
     # ----- building -------------------------------------------------------------------------
     def pack(self, entries: list, scale_src: dict, paged: bool = True) -> None:
         """Rebuild the stacks from ``entries`` (one :class:`Entry` per slot, in slot order).
@@ -181,13 +190,6 @@ class AdapterBank(SlotTable):
         return _fastpath.make_plan(grad_params, ptr_ts, ver_ts, layer._identity_checks(names), layer.in_features,
                                    layer.out_features, W, base.bias, a, bt, scales, token_slots, dora)
 
-    # ----- hooks of bank policies (see bank_offload.py) -----------------------------------
-    def forget(self, name: str) -> None:
-        """``name`` was deleted from the layer."""
-
-    def after_move(self, layer) -> None:
-        """``layer`` was moved or cast (``.to()``, ``.half()``): its storage changed."""
-
 
 class ScaleBank(SlotTable):
     """IA3's stack ``[S + 1, D]``: the adapters' scale vectors in slot order, then ones (row S,
@@ -198,6 +200,13 @@ class ScaleBank(SlotTable):
         super().__init__()
         self.stack: Tensor | None = None
         self.ptrs: dict = {}
+
+    def holds_stacks(self) -> bool:
+        return self.stack is not None
+
+    def drop_stacks(self) -> None:
+        self.stack, self.ptrs = None, {}
+        self.mark_stale()
 
     def pack(self, params: list, d: int) -> None:
         """Rebuild from ``params`` (one per slot). Parameters of mixed dtypes or devices keep

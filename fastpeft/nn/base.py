@@ -282,8 +282,14 @@ class AdapterLayer(nn.Module):
         self.bank.forget(name)
         self._adapters.remove(name)
         self._active = [a for a in self._active if a != name]
+        held = self.bank.holds_stacks()
         self.bank.mark_stale()
         self._refresh_slots()
+        if held:  # the deleted adapter's rows are freed now, not at the next forward
+            if self._adapters:
+                self._pack()
+            else:
+                self.bank.drop_stacks()
 
     def _remove(self, name: str) -> None:
         """Subclass hook: drop per-adapter Python state (scaling, flags)."""

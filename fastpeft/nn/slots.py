@@ -104,6 +104,20 @@ class SlotTable:
         self.stale = True
         self.drop_plans()
 
+    # ----- hooks of bank policies (see bank_offload.py) -------------------------------------
+    def forget(self, name: str) -> None:
+        """``name`` was deleted from the layer."""
+
+    def after_move(self, layer) -> None:
+        """``layer`` was moved or cast (``.to()``, ``.half()``): its storage changed."""
+
+    def holds_stacks(self) -> bool:
+        """Whether the bank holds stacks (device memory) right now."""
+        return False
+
+    def drop_stacks(self) -> None:
+        """Free the stacks (the layer has no adapter left)."""
+
     def slot_of(self, name) -> int:
         try:
             return self.names.index(name)
