@@ -44,6 +44,24 @@ def fused_forward_ok(module: nn.Module) -> bool:
     return ok
 
 
+_module_globals = torch.nn.modules.module
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its forward: forward hooks or pre-hooks on it,
+    global ones (``register_module_forward_hook``), or a forward replaced on the instance
+    (accelerate's ``add_hook_to_module``, e.g. ``AlignDevicesHook`` of ``dispatch_model`` with
+    offloaded weights). PEFT calls ``base_layer(x)``, so then the layers must too."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                or _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks)
+
+
+def runs_fused(module: nn.Module) -> bool:
+    """Whether a layer may replace the call of its base ``module`` by the fused operator: the
+    plain forward (:func:`fused_forward_ok`) and nothing else runs when it is called (no hooks)."""
+    return fused_forward_ok(module) and not has_hooks(module)
+
+
 def in_out_features(module: nn.Module) -> tuple[int, int]:
     """(K, N) = (input features, output features) of a linear-like base, (V, D) of an embedding."""
     kind = base_kind(module)

@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ._base_kinds import fused_forward_ok, weight_nk
+from ._base_kinds import runs_fused, weight_nk
 from .bank import ScaleBank
 from .base import packs_outside_inference_mode
 from .linear_base import LinearLayerBase
@@ -89,7 +89,7 @@ class IA3Linear(LinearLayerBase):
 
     def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if torch.compiler.is_compiling():
-            if not args and not kwargs and self.kind != "quant" and fused_forward_ok(self.base_layer):
+            if not args and not kwargs and self.kind != "quant" and runs_fused(self.base_layer):
                 x2 = x.reshape(-1, self.in_features)
                 scales = self._traced_scales(x, x2.shape[0])
                 if scales is not None:
@@ -112,7 +112,7 @@ class IA3Linear(LinearLayerBase):
         else:
             scale = self._scale_vector(names)
         previous_dtype = x.dtype
-        if args or kwargs or not fused_forward_ok(self.base_layer) or (torch.is_grad_enabled() and scale.requires_grad):
+        if args or kwargs or not runs_fused(self.base_layer) or (torch.is_grad_enabled() and scale.requires_grad):
             if self.is_feedforward:
                 return self.base_layer((x * scale).to(previous_dtype), *args, **kwargs)
             result = self.base_layer(x, *args, **kwargs)

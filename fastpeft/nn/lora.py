@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dora
-from ._base_kinds import fused_forward_ok, weight_nk
+from ._base_kinds import has_hooks, runs_fused, weight_nk
 from .bank import AdapterBank, Entry
 from .base import packs_outside_inference_mode
 from .dora import DoraMagnitude
@@ -227,7 +227,7 @@ class LoraLinear(LinearLayerBase):
         adapters' own reasons (:meth:`_static_unfused`). ``traced`` (torch.compile): over
         every adapter of the layer and from the flags, so the guards never name adapters
         (switching between loaded adapters keeps a compiled graph)."""
-        if not fused_forward_ok(self.base_layer):
+        if not runs_fused(self.base_layer):
             return True
         scope = self._adapters if traced else names
         if torch.is_grad_enabled() and any(p.requires_grad for n in scope for p in self._params_of(n)):
@@ -253,12 +253,14 @@ class LoraLinear(LinearLayerBase):
         # read (and guard on) the plans.
         if not args and not kwargs and not _is_compiling():
             bank = self.bank
-            if bank.rows is None:
+            fast = y = None
+            if has_hooks(self._modules["base_layer"]):  # hooks added after the plan: base_layer(x) must run
+                bank.drop_plans()
+            elif bank.rows is None:
                 fast = bank.plan
                 y = fast(x) if fast is not None else None
             else:
                 fast = bank.mixed_plans.get(self._mixed_names)
-                y = None
                 if fast is not None and x.dim() > 0 and x.shape[-1] == self.in_features:
                     M = x.numel() // max(self.in_features, 1)
                     y = fast(x, bank.token_slots(M, x.shape[0] if x.dim() > 1 else 1))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import _schema  # noqa: F401  (defines torch.ops.fastpeft.*)
-from ._base_kinds import fused_forward_ok, in_out_features
+from ._base_kinds import in_out_features, runs_fused
 from .bank import AdapterBank, Entry
 from .base import AdapterLayer, packs_outside_inference_mode
 from .lora import lora_scaling
@@ -88,7 +88,7 @@ class LoraEmbedding(AdapterLayer):
     def _needs_unfused(self, names) -> bool:
         """PEFT's unfused route: a base whose forward is not the plain lookup, ``max_norm``
         (the lookup renormalizes the weight), or a gradient the adapters need."""
-        return (not fused_forward_ok(self.base_layer) or self.base_layer.max_norm is not None
+        return (not runs_fused(self.base_layer) or self.base_layer.max_norm is not None
                 or (torch.is_grad_enabled() and any(p.requires_grad for n in names for p in self._params_of(n))))
 
     def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
