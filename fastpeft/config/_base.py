@@ -13,6 +13,7 @@ from typing import Any
 
 from ..hub import AdapterFormatError, resolve_file
 from ._checks import _check_bool, _json_ready, _plain
+from ._fields import COMMON_FIELDS, UnsupportedConfigError, refuse_unsupported
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -75,7 +76,23 @@ class PeftConfig:
     revision: str | None = None
     inference_mode: bool = False
 
+    # what fastpeft does with each field (``fastpeft.config._fields``); subclasses set theirs
+    _FIELD_TABLE = COMMON_FIELDS
+
     def __post_init__(self) -> None:
+        self._validate()
+        # options fastpeft does not implement raise, after PEFT's own checks (same errors first)
+        refuse_unsupported(self)
+        object.__setattr__(self, "_fields_checked", True)
+
+    def __setattr__(self, name: str, value) -> None:
+        # an assignment after construction cannot switch on an option fastpeft does not implement
+        if self.__dict__.get("_fields_checked"):
+            refuse_unsupported(self, {name: value})
+        object.__setattr__(self, name, value)
+
+    def _validate(self) -> None:
+        """Check and normalise the fields (each subclass adds its own, calling super first)."""
         if self.task_type is not None:
             try:
                 self.task_type = TaskType(self.task_type)
@@ -193,6 +210,8 @@ class PeftConfig:
             config_cls = _config_class(data.get("peft_type"), cls)
             known = {f.name for f in dataclasses.fields(config_cls) if f.init}
             return cls.from_dict(data, **{k: v for k, v in kwargs.items() if k in known})
+        except UnsupportedConfigError as exc:  # a valid file, for an option fastpeft does not implement
+            raise UnsupportedConfigError(f"Adapter config '{path}': {exc}") from exc
         except (TypeError, ValueError) as exc:
             raise AdapterFormatError(f"Invalid adapter config '{path}': {exc}") from exc
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ._base import PeftConfig, PeftType
 from ._checks import _check_bool, _module_names
+from ._fields import IA3_FIELDS
 
 
 @dataclass
@@ -21,8 +22,10 @@ class IA3Config(PeftConfig):
     modules_to_save: list[str] | None = None
     init_ia3_weights: bool = True
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    _FIELD_TABLE = IA3_FIELDS
+
+    def _validate(self) -> None:
+        super()._validate()
         self.peft_type = PeftType.IA3
         _check_bool("fan_in_fan_out", self.fan_in_fan_out)
         _check_bool("init_ia3_weights", self.init_ia3_weights)

@@ -7,8 +7,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._base import PeftConfig, PeftType, TaskType
+from ._base import PeftConfig, PeftType
 from ._checks import _check_bool, _check_non_negative_int, _check_positive_int, _is_int, _is_number, _module_names, _plain
+from ._fields import ADALORA_FIELDS, LORA_FIELDS
 
 _LORA_BIAS_VALUES = ("none", "all", "lora_only")
 
@@ -23,6 +24,11 @@ class LoraConfig(PeftConfig):
     ``exclude_modules``, ``bias`` (``"none"``, ``"all"``, ``"lora_only"``), ``rank_pattern`` /
     ``alpha_pattern`` (regex key -> per-module r / alpha), ``layers_to_transform`` +
     ``layers_pattern``, ``modules_to_save``.
+
+    Every PEFT field is accepted by name; what fastpeft does with each is in
+    ``fastpeft.config._fields.LORA_FIELDS``. Options fastpeft does not implement (LoRA variants
+    such as aLoRA or KaSA, ``target_parameters``, ``layer_replication``, ...) raise
+    ``UnsupportedConfigError`` naming the field.
     """
 
     r: int = 8
@@ -62,9 +68,10 @@ class LoraConfig(PeftConfig):
     ensure_weight_tying: bool = False
 
     _PEFT_TYPE = PeftType.LORA
+    _FIELD_TABLE = LORA_FIELDS
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _validate(self) -> None:
+        super()._validate()
         self.peft_type = self._PEFT_TYPE
         self._check_lora_fields()
         self._check_lora_combinations()
@@ -143,7 +150,7 @@ class LoraConfig(PeftConfig):
             if not self.loftq_config:
                 raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
         elif self.loftq_config:
-            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.", stacklevel=3)
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.", stacklevel=5)
             self.loftq_config = {}
         if self.lora_bias:
             if self.init_lora_weights not in (True, False):
@@ -153,8 +160,6 @@ class LoraConfig(PeftConfig):
                 )
             if self.use_dora:
                 raise ValueError("`lora_bias=True` is not supported for DoRA, please pass use_dora=False.")
-        if self.alora_invocation_tokens is not None and self.task_type != TaskType.CAUSAL_LM:
-            warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", stacklevel=3)
 
 
 @dataclass
@@ -178,15 +183,16 @@ class AdaLoraConfig(LoraConfig):
     rank_pattern: dict | None = None
 
     _PEFT_TYPE = PeftType.ADALORA
+    _FIELD_TABLE = ADALORA_FIELDS
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def _validate(self) -> None:
+        super()._validate()
         if self.use_dora:
             raise ValueError("ADALORA does not support DoRA; set `use_dora=False`.")
         if self.loftq_config:
             raise ValueError("ADALORA does not support LoftQ; remove `loftq_config`.")
         if self.r != 8:
-            warnings.warn("`r` is not used by AdaLoRA and is ignored; set the initial rank with `init_r`.", stacklevel=3)
+            warnings.warn("`r` is not used by AdaLoRA and is ignored; set the initial rank with `init_r`.", stacklevel=4)
         _check_positive_int("init_r", self.init_r)
         _check_positive_int("target_r", self.target_r)
         for name in ("tinit", "tfinal"):

@@ -1,0 +1,232 @@
+"""What fastpeft does with every field of PEFT 0.21's ``LoraConfig``, ``IA3Config`` and
+``AdaLoraConfig``: one table per method (``FIELD_TABLES``), which the configs' refusal logic reads.
+
+Statuses:
+
+- ``"implemented"``: fastpeft targets, computes and saves it with PEFT's meaning.
+- ``"metadata"``: kept and saved as given, but it changes neither what fastpeft's layers compute
+  nor the saved weights, and PEFT's own layers behave the same on every base layer fastpeft
+  adapts (training-only, runtime-only, or read only by a PEFT tool that runs before training).
+- ``"unsupported"``: fastpeft does not implement it. A config that sets it raises
+  :class:`UnsupportedConfigError` naming the field: in the constructor, in ``from_dict`` /
+  ``from_pretrained`` (so before any model is touched) and on attribute assignment.
+
+``tests/test_config_fields.py`` fails when PEFT has a field that is not in these tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+IMPLEMENTED, METADATA, UNSUPPORTED = "implemented", "metadata", "unsupported"
+
+_PEFT_HINT = ("build the adapter with PEFT (peft.get_peft_model / peft.PeftModel.from_pretrained) and call "
+              "fastpeft.optimize(peft_model), which fuses the layers it supports and keeps PEFT's own layers "
+              "for the rest")
+
+
+class UnsupportedConfigError(ValueError):
+    """A config sets an option fastpeft does not implement (the message names the field)."""
+
+
+class Field(NamedTuple):
+    status: str  # IMPLEMENTED, METADATA or UNSUPPORTED
+    reason: str
+    # UNSUPPORTED: whether a value turns the option on (PEFT's own test for it)
+    is_set: Callable[[Any], bool] | None = None
+    # IMPLEMENTED with refused values: a message for a refused value, else None
+    check: Callable[[Any], str | None] | None = None
+
+
+def _not_none(value) -> bool:
+    return value is not None
+
+
+def _unsupported(reason: str, is_set: Callable[[Any], bool] = bool) -> Field:
+    return Field(UNSUPPORTED, reason, is_set)
+
+
+# --------------------------------------------------------------------------- init_lora_weights
+
+# PEFT 0.21's LoRA initializations (tuners/lora/layer.py ``update_layer``), by what a fastpeft
+# layer does with them.
+_WEIGHTS_ONLY_INITS = ("eva", "orthogonal", "lora_ga", "mica")  # base untouched; a trained adapter is plain LoRA
+
+
+def _changes_base_weights(value: str) -> bool:
+    # PEFT's own tests: pissa / pissa_niter_<n> / corda by prefix, olora any case, loftq exact
+    return value.startswith(("pissa", "corda")) or value.lower() == "olora" or value == "loftq"
+
+
+def _check_lora_init(value) -> str | None:
+    if not isinstance(value, str) or value.lower() == "gaussian":
+        return None  # True, False (the type is checked by LoraConfig)
+    if _changes_base_weights(value):
+        plain = ("save the LoftQ-initialised base model and the adapter with init_lora_weights=True, as PEFT's "
+                 "LoftQ guide does" if value == "loftq" else "save the trained adapter as plain LoRA with PEFT "
+                 "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+        return (
+            f"`init_lora_weights`={value!r} is not supported by fastpeft yet: PEFT rewrites the base layer's "
+            "weights when it creates this adapter (also when it loads a saved one) and fastpeft does not, so the "
+            f"outputs would differ. Either {plain}, or {_PEFT_HINT}."
+        )
+    if value in _WEIGHTS_ONLY_INITS or value.lower() == "mica":
+        return None
+    return (
+        f"`init_lora_weights`={value!r} is not an initialization PEFT 0.21 knows (PEFT raises when it builds the "
+        "layers); use True, False, 'gaussian', 'eva', 'orthogonal', 'mica' or 'lora_ga'."
+    )
+
+
+# --------------------------------------------------------------------------- the tables
+
+COMMON_FIELDS: dict[str, Field] = {
+    "task_type": Field(IMPLEMENTED, "task heads join modules_to_save as in PEFT's PeftModelFor<Task>; the "
+                                    "SEQ_CLS head is left out of 'all-linear'"),
+    "peft_type": Field(IMPLEMENTED, "picks the config class and the adapter method"),
+    "auto_mapping": Field(METADATA, "the base model class PEFT's AutoPeftModel imports for task_type=None"),
+    "peft_version": Field(METADATA, "the PEFT version that wrote the file"),
+    "base_model_name_or_path": Field(IMPLEMENTED, "the base model AutoPeftModelFor*.from_pretrained loads"),
+    "revision": Field(IMPLEMENTED, "the base model revision AutoPeftModelFor*.from_pretrained loads"),
+    "inference_mode": Field(IMPLEMENTED, "the adapter's parameters are frozen"),
+}
+
+LORA_FIELDS: dict[str, Field] = {
+    **COMMON_FIELDS,
+    "r": Field(IMPLEMENTED, "rank"),
+    "target_modules": Field(IMPLEMENTED, "PEFT's matching rules, per-model defaults and 'all-linear' (fastpeft.targeting)"),
+    "exclude_modules": Field(IMPLEMENTED, "PEFT's matching rules"),
+    "lora_alpha": Field(IMPLEMENTED, "scaling lora_alpha / r"),
+    "lora_dropout": Field(IMPLEMENTED, "dropout on the adapter's input in training"),
+    "fan_in_fan_out": Field(IMPLEMENTED, "PEFT overrides it from the base layer (False for nn.Linear and "
+                                         "bitsandbytes, True for Conv1D) and fastpeft takes it from the base too"),
+    "bias": Field(IMPLEMENTED, "'none' / 'all' / 'lora_only': which biases train and are saved"),
+    "use_rslora": Field(IMPLEMENTED, "scaling lora_alpha / sqrt(r)"),
+    "modules_to_save": Field(IMPLEMENTED, "trainable copies, saved in the file"),
+    "init_lora_weights": Field(
+        IMPLEMENTED, "True, False, 'gaussian'. 'eva', 'orthogonal', 'mica', 'lora_ga' leave the base weights alone "
+        "and their trained adapters are plain LoRA, so they load as in PEFT (a fresh fastpeft adapter gets PEFT's "
+        "default init, with a warning). 'pissa*', 'olora', 'corda', 'loftq' are refused: PEFT rewrites the base "
+        "weights, also when loading", check=_check_lora_init),
+    "layers_to_transform": Field(IMPLEMENTED, "PEFT's layer-index filter"),
+    "layers_pattern": Field(IMPLEMENTED, "PEFT's layer-index filter"),
+    "rank_pattern": Field(IMPLEMENTED, "per-module r (regex keys, PEFT's get_pattern_key)"),
+    "alpha_pattern": Field(IMPLEMENTED, "per-module lora_alpha (regex keys, PEFT's get_pattern_key)"),
+    "megatron_config": Field(METADATA, "PEFT reads it only to build Megatron tensor-parallel LoRA layers (plain "
+                                       "LoRA math) on megatron.core Column/RowParallelLinear bases; fastpeft adapts "
+                                       "no Megatron layer (targeting one raises)"),
+    "megatron_core": Field(METADATA, "the module megatron_config's layers come from; read only with megatron_config"),
+    "trainable_token_indices": _unsupported("PEFT trains the listed embedding rows through its TrainableTokens "
+                                            "wrappers (their own weights in the file)", _not_none),
+    "loftq_config": Field(METADATA, "read only by init_lora_weights='loftq' (refused); otherwise PEFT drops it "
+                                    "with a warning, as fastpeft does"),
+    "eva_config": Field(METADATA, "read only by PEFT's data-driven initialize_lora_eva_weights(); the trained "
+                                  "adapter is plain LoRA with its ranks and alphas in rank_pattern / alpha_pattern"),
+    "corda_config": Field(METADATA, "read only by PEFT's preprocess_corda and init_lora_weights='corda' (refused)"),
+    "lora_ga_config": Field(METADATA, "read only by LoRA-GA's initialization from gradients (preprocess_loraga); "
+                                      "the trained adapter is plain LoRA"),
+    "use_dora": Field(IMPLEMENTED, "DoRA (magnitude vector) on nn.Linear, Conv1D and bitsandbytes bases"),
+    "velora_config": _unsupported("VeLoRA: PEFT's layer gets a custom backward and a saved lora_velora_embed "
+                                  "buffer", _not_none),
+    "alora_invocation_tokens": _unsupported("Activated LoRA: the adapter applies only from the invocation "
+                                            "tokens on"),
+    "use_qalora": Field(METADATA, "QALoRA exists only in PEFT's GPTQ layers, which fastpeft does not adapt "
+                                  "(targeting one raises); PEFT ignores it on every other base"),
+    "qalora_group_size": Field(METADATA, "read only with use_qalora (GPTQ layers)"),
+    "monteclora_config": _unsupported("MonteCLoRA: Monte-Carlo sampled perturbations and extra sampler "
+                                      "parameters in PEFT's layers", _not_none),
+    "layer_replication": _unsupported("PEFT rebuilds the model's stack of layers (replicate_layers) before "
+                                      "adding the adapters"),
+    "runtime_config": Field(METADATA, "runtime-only (ephemeral_gpu_offload: where DoRA's norm of offloaded "
+                                      "weights is computed); neither PEFT nor fastpeft saves it"),
+    "lora_bias": Field(IMPLEMENTED, "a bias on lora_B"),
+    "target_parameters": _unsupported("LoRA on nn.Parameter tensors (e.g. MoE experts) through PEFT's "
+                                      "ParamWrapper layers"),
+    "use_bdlora": _unsupported("block-diagonal LoRA (BD-LoRA) factors", _not_none),
+    "arrow_config": _unsupported("Arrow routing between several LoRA experts", _not_none),
+    "kasa_config": _unsupported("KaSA: PEFT truncates the base weight's SVD and adds a lora_diag "
+                                "parameter", _not_none),
+    "ensure_weight_tying": _unsupported("PEFT ties the adapters / modules_to_save copies of a tied input "
+                                        "embedding and LM head; fastpeft has no tied adapters"),
+}
+
+_ADALORA_TRAINING = ("training-only: read by PEFT's rank allocator (AdaLoraModel.update_and_allocate, called by "
+                     "the training loop), which fastpeft does not have; the result is saved as rank_pattern and "
+                     "the kept ranks, which fastpeft loads")
+
+ADALORA_FIELDS: dict[str, Field] = {
+    **LORA_FIELDS,
+    "r": Field(METADATA, "unused by AdaLoRA (init_r is the rank); a warning, as in PEFT"),
+    "init_lora_weights": Field(IMPLEMENTED, "true: E = 0, A and B ~ N(0, 0.02); False: random A, E, B. PEFT's "
+                                            "AdaLoRA layers take any str as true, and so does fastpeft"),
+    "rank_pattern": Field(IMPLEMENTED, "masks of the kept ranks (the saved tensors hold only those)"),
+    "alpha_pattern": Field(METADATA, "PEFT's AdaLoRA uses lora_alpha on every layer, as fastpeft does"),
+    "use_rslora": Field(METADATA, "PEFT's AdaLoRA layers ignore it (scaling lora_alpha / ranknum), as fastpeft does"),
+    "lora_bias": Field(METADATA, "PEFT's AdaLoRA layers ignore it (no bias on lora_B), as fastpeft does"),
+    "use_dora": Field(IMPLEMENTED, "False only: AdaLoRA with DoRA is refused, as in PEFT"),
+    "target_r": Field(METADATA, _ADALORA_TRAINING),
+    "init_r": Field(IMPLEMENTED, "the rank the layers are built with (and the scaling divisor ranknum)"),
+    "tinit": Field(METADATA, _ADALORA_TRAINING),
+    "tfinal": Field(METADATA, _ADALORA_TRAINING),
+    "deltaT": Field(METADATA, _ADALORA_TRAINING),
+    "beta1": Field(METADATA, _ADALORA_TRAINING),
+    "beta2": Field(METADATA, _ADALORA_TRAINING),
+    "total_step": Field(METADATA, _ADALORA_TRAINING + " (required > 0, as in PEFT)"),
+    "orth_reg_weight": Field(METADATA, "training-only: PEFT's AdaLoraModel.forward adds orth_reg_weight times an "
+                                       "orthogonality penalty to outputs.loss; fastpeft's models return the "
+                                       "model's loss as is (same logits)"),
+}
+
+IA3_FIELDS: dict[str, Field] = {
+    **COMMON_FIELDS,
+    "target_modules": Field(IMPLEMENTED, "PEFT's matching rules and per-model defaults"),
+    "exclude_modules": Field(IMPLEMENTED, "PEFT's matching rules"),
+    "feedforward_modules": Field(IMPLEMENTED, "input scale on these, output scale on the other targets"),
+    "fan_in_fan_out": Field(IMPLEMENTED, "PEFT overrides it from the base layer (False for nn.Linear, True for "
+                                         "Conv1D) and fastpeft takes it from the base too"),
+    "modules_to_save": Field(IMPLEMENTED, "trainable copies, saved in the file"),
+    "init_ia3_weights": Field(IMPLEMENTED, "True: ones (identity); False: random"),
+}
+
+# by peft_type value
+FIELD_TABLES: dict[str, dict[str, Field]] = {"LORA": LORA_FIELDS, "ADALORA": ADALORA_FIELDS, "IA3": IA3_FIELDS}
+
+
+# --------------------------------------------------------------------------- the refusal
+
+
+def _default(config, name: str):
+    for f in dataclasses.fields(config):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    return None
+
+
+def refusal(config, name: str, value) -> str | None:
+    """The message fastpeft refuses ``config.<name> = value`` with, or None when it is accepted."""
+    entry = config._FIELD_TABLE.get(name)
+    if entry is None:
+        return None  # not a PEFT field (tests/test_config_fields.py keeps the tables complete)
+    if entry.status == UNSUPPORTED and entry.is_set(value):
+        return (
+            f"`{name}`={value!r} is not supported by fastpeft yet ({entry.reason}). Leave it at its default "
+            f"({_default(config, name)!r}), or {_PEFT_HINT}."
+        )
+    if entry.check is not None:
+        return entry.check(value)
+    return None
+
+
+def refuse_unsupported(config, values: dict | None = None) -> None:
+    """Raise :class:`UnsupportedConfigError` for the first field of ``config`` (or of ``values``,
+    name -> value about to be assigned) that fastpeft does not implement."""
+    items = values.items() if values is not None else ((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))
+    for name, value in items:
+        message = refusal(config, name, value)
+        if message:
+            raise UnsupportedConfigError(f"{type(config).__name__}: {message}")
