@@ -203,14 +203,14 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         if adapter_names is None:
             return model(*args, **kwargs)
-        with tuner.mixed_batch(model, adapter_names):
+        with tuner.mixed_batch(model, adapter_names, repeat=False):  # one name per row, as in PEFT
             return model(*args, **kwargs)
 
     def generate(self, *args, adapter_names=None, **kwargs):
         model = self.base_model.model
         if adapter_names is None:
             return model.generate(*args, **kwargs)
-        with tuner.mixed_batch(model, adapter_names):
+        with tuner.mixed_batch(model, adapter_names):  # a name per prompt row, repeated for beams / sequences
             return model.generate(*args, **kwargs)
 
     # ----- reporting -----------------------------------------------------------------------------

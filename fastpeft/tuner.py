@@ -19,6 +19,7 @@ from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig
 from .nn import AdaLoraLinear, AdapterLayer, IA3Linear, LoraEmbedding, LoraLinear, ModulesToSaveWrapper
 from .nn._base_kinds import base_kind
 from .nn.base import BASE_NAMES
+from .nn.selection import Selection, inside, selecting
 
 
 def _configs(model: nn.Module) -> dict:
@@ -343,9 +344,13 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 @contextlib.contextmanager
-def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]):
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None], repeat: bool = True):
     """Row ``i`` of every batch in this block uses adapter ``adapter_names[i]``
-    (``"__base__"`` or ``None``: no adapter). Nothing is left behind if the block raises."""
+    (``"__base__"`` or ``None``: no adapter), for the calls of this thread / asyncio task only
+    (:mod:`fastpeft.nn.selection`). ``repeat``: a name may cover the ``k`` consecutive rows that
+    generation makes of each prompt row (beams, ``num_return_sequences``); a forward's own
+    ``adapter_names`` pass False (one name per row). Nothing is left behind however the block
+    ends, and blocks may end in any order."""
     if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
         raise TypeError(f"adapter_names must be a list of names, one per batch row, got {type(adapter_names).__name__}")
     names = tuple("__base__" if n is None else n for n in adapter_names)
@@ -356,17 +361,21 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str | None]):
     layers = adapter_layers(model)
     if any(layer.merged for layer in layers):
         raise ValueError("cannot use a mixed batch while adapters are merged; call unmerge_adapter() first")
-    previous = [layer._mixed_names for layer in layers]
-    handles = [w.register_forward_pre_hook(_peft_names_hook(names), with_kwargs=True) for w in _peft_wrappers(model)]
-    try:
-        for layer in layers:
-            layer.set_mixed_names(names)
-        yield
-    finally:
-        for layer, p in zip(layers, previous, strict=True):
-            layer.set_mixed_names(p)
-        for h in handles:
-            h.remove()
+    sel = Selection(names, repeat)
+    with selecting(dict.fromkeys(layers, sel)) as block:
+        handles = [w.register_forward_pre_hook(_peft_names_hook(names, block), with_kwargs=True)
+                   for w in _peft_wrappers(model)]
+        opened = []
+        try:
+            for layer in layers:  # recorded for compiled forwards (which cannot read the call's own)
+                layer._open_block(block, names)
+                opened.append(layer)
+            yield
+        finally:
+            for layer in opened:
+                layer._close_block(block)
+            for h in handles:
+                h.remove()
 
 
 def _peft_wrappers(model: nn.Module) -> list:
@@ -378,11 +387,14 @@ def _peft_wrappers(model: nn.Module) -> list:
     return [] if cls is None else [m for m in model.modules() if isinstance(m, cls)]
 
 
-def _peft_names_hook(names: tuple):
+def _peft_names_hook(names: tuple, block):
     """Forward pre-hook giving a PEFT wrapper PEFT's ``adapter_names`` argument, one name per
-    row of its input (repeated when generation repeated the rows, as for beam search)."""
+    row of its input (repeated when generation repeated the rows, as for beam search), for the
+    calls inside ``block`` only (a hook is seen by every thread's calls)."""
 
     def hook(module, args, kwargs):
+        if not inside(block):
+            return None
         x = args[0] if args else next(iter(kwargs.values()))
         k = max(1, x.shape[0] // len(names))
         kwargs["adapter_names"] = [n for n in names for _ in range(k)]

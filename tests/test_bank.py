@@ -19,6 +19,7 @@ import fastpeft
 from fastpeft.nn import AdaLoraLinear, IA3Linear, LoraEmbedding, LoraLinear, ModulesToSaveWrapper
 from fastpeft.nn.bank import AdapterBank, ScaleBank
 from fastpeft.nn.bank_offload import OffloadBank
+from fastpeft.nn.selection import Selection, selecting
 from fastpeft.nn.slots import SlotTable
 from fastpeft.offload import keep_adapters_on_cpu
 
@@ -44,15 +45,17 @@ def test_per_call_selection_equals_the_mixed_batch_state_and_leaves_it(ranks):
     bank = layer.bank
     active_before = bank.active.clone()
     for names in [("a1", "__base__", "a2", "a0"), ("a2", "a2", "a1", "a0"), ("a1", "a0")]:
-        got = bank.token_slots(12, 4, names=names)
+        got = bank.token_slots(12, 4, Selection(names, True))
         assert bank.rows is None and torch.equal(bank.active, active_before)  # state unchanged
         layer.set_mixed_names(names)
         try:
-            assert torch.equal(got, layer.token_slots(12, 4))
+            assert torch.equal(got, layer.token_slots(12, 4))  # the recorded (compiled) route's slots
         finally:
             layer.set_mixed_names(None)
     with pytest.raises(ValueError, match="3 adapter names for a batch of 4"):
-        bank.token_slots(12, 4, names=("a0", "a1", "a2"))
+        bank.token_slots(12, 4, Selection(("a0", "a1", "a2"), True))
+    with pytest.raises(ValueError, match="2 adapter names for a batch of 4"):  # a forward's names: one per row
+        bank.token_slots(12, 4, Selection(("a0", "a1"), False))
 
 
 def test_every_layer_kind_has_its_bank():
@@ -117,12 +120,12 @@ def test_mixed_names_is_read_only_and_errors_name_the_layer():
     layer = _layer([2, 3])
     with pytest.raises(AttributeError):
         layer._mixed_names = ("a0",)  # would leave the bank's row slots behind: set_mixed_names
-    layer.set_mixed_names(("a0", "a1", "a0"))
-    try:
+    with selecting({layer: Selection(("a0", "a1", "a0"), True)}):
         with torch.no_grad(), pytest.raises(ValueError, match="3 adapter names for a batch of 4 rows in LoraLinear"):
             layer(torch.randn(4, K))
-    finally:
-        layer.set_mixed_names(None)
+    with pytest.raises(ValueError, match="2 adapter names for a batch of 4 rows in LoraLinear"):
+        with torch.no_grad():
+            layer(torch.randn(4, K), adapter_names=["a0", "a1"])  # PEFT's layer-level names: one per row
 
 
 def _offloaded(capacity):

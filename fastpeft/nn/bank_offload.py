@@ -85,6 +85,19 @@ class OffloadBank(AdapterBank):
                     self._load(slot, n, layer._entry(n), layer.scaling[n])
         super().refresh(layer)
 
+    def prepare_call(self, layer, sel) -> None:
+        """Make the adapters of a call's own mixed batch resident (the slots it reads then hold
+        them). Not safe against a concurrent call of the same layer with other adapters: an
+        offloaded model serves one mixed batch at a time (docs/many-adapters.md)."""
+        if all(n in self.lru or not layer._entry_ready(n) for n in sel.names):
+            return
+        to_copy = self._assign([n for n in dict.fromkeys(sel.names) if layer._entry_ready(n)])
+        if to_copy and not self.stale and self.a is not None:
+            with torch.no_grad():
+                for n, slot in to_copy:
+                    self._load(slot, n, layer._entry(n), layer.scaling[n])
+        super().refresh(layer)  # slots moved: the cached per-call slots go
+
     def select_rows(self, layer, names) -> None:
         # `names` is the layer's _mixed_names by now, which refresh reads
         self.refresh(layer)  # entering: load the batch's adapters; leaving: the active ones

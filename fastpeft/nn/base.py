@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from . import selection as _selection
+from .selection import Selection
 from .slots import SlotTable, rows_per_name
 
 
@@ -60,12 +62,23 @@ class AdapterLayer(nn.Module):
         self._disabled = False
         self.merged_adapters: list[str] = []
         self._row_selection: tuple | None = None  # read as _mixed_names, written by set_mixed_names
+        self._open_blocks: list = []  # [(block, names)] of the model-level mixed batches open on it
 
     @property
     def _mixed_names(self) -> tuple | None:
-        """The adapter name of each batch row while in a mixed batch, else None. Read-only:
-        :meth:`set_mixed_names` also brings the bank's row slots up to date."""
+        """The mixed batch recorded on the layer (for compiled forwards and the graphs captured
+        from them), else None. Eager forwards read their own call's selection instead
+        (:meth:`_call_selection`). Read-only: :meth:`set_mixed_names` also brings the bank's
+        row slots up to date."""
         return self._row_selection
+
+    def _call_selection(self) -> Selection | None:
+        """This call's mixed batch on this layer, or None (the active adapters): the call's own
+        (:mod:`fastpeft.nn.selection`) in eager forwards, the recorded one while compiling."""
+        if torch.compiler.is_compiling():
+            names = self._row_selection
+            return None if names is None else Selection(names, True)
+        return _selection.current(self)
 
     @property
     def _adapters(self) -> list[str]:
@@ -83,10 +96,27 @@ class AdapterLayer(nn.Module):
         self.bank.drop_plans()
 
     def set_mixed_names(self, names) -> None:
-        """Enter a mixed batch (``names``: one adapter name per batch row) or leave it (None)."""
+        """Record a mixed batch on the layer (``names``: one adapter name per batch row) or clear
+        it (None): what compiled forwards (and the CUDA graphs captured from them) read. Eager
+        forwards use their call's selection (``fastpeft.mixed_batch``, ``adapter_names=``)."""
         names = None if names is None else tuple(names)
         self._row_selection = names
         self.bank.select_rows(self, names)
+
+    def _open_block(self, block, names: tuple) -> None:
+        """A model-level mixed batch opened on this layer: recorded for compiled forwards."""
+        self._open_blocks.append((block, names))
+        try:
+            self.set_mixed_names(names)
+        except BaseException:  # e.g. an offloading bank that cannot hold the names: nothing stays
+            self._close_block(block)
+            raise
+
+    def _close_block(self, block) -> None:
+        """The block ended: the layer records the innermost block still open (None: none), in
+        whatever order blocks end."""
+        self._open_blocks = [(b, n) for b, n in self._open_blocks if b is not block]
+        self.set_mixed_names(self._open_blocks[-1][1] if self._open_blocks else None)
 
     def _slot_device(self) -> torch.device:
         w = getattr(self.get_base_layer(), "weight", None)
@@ -130,46 +160,52 @@ class AdapterLayer(nn.Module):
             if self.merged:
                 self.unmerge()
             return None
-        mixed = self._mixed_names
-        if mixed is not None:
+        sel = self._call_selection()
+        if sel is not None:
             if self.merged:
                 raise ValueError("cannot use a mixed batch while adapters are merged; call unmerge_adapter() first")
-            return [n for n in dict.fromkeys(mixed) if n in container]
+            return [n for n in dict.fromkeys(sel.names) if n in container]
         if self.merged:
             return None
         return [n for n in self.active_adapters if n in container]
 
-    def _rows_per_name(self, batch: int, n: int | None = None) -> int:
-        """Batch rows per mixed-batch name (1, or k when generation repeated each row k times).
-        ``n``: the number of names (default: the mixed batch's). Raises for a batch whose
-        length does not fit the names."""
-        return rows_per_name(len(self._mixed_names) if n is None else n, batch, type(self).__name__)
+    def _rows_per_name(self, batch: int, sel: Selection) -> int:
+        """Batch rows per name of the mixed batch ``sel`` (1, or k when generation repeated each
+        row k times and ``sel.repeat``). Raises for a batch whose length does not fit."""
+        return rows_per_name(len(sel.names), batch, type(self).__name__, sel.repeat)
 
-    def _row_names(self, batch: int) -> tuple:
-        """The mixed batch's adapter name of each of the ``batch`` rows (validated, expanded)."""
-        k = self._rows_per_name(batch)
-        names = self._mixed_names
-        return names if k == 1 else tuple(n for n in names for _ in range(k))
+    def _row_names(self, batch: int, sel: Selection) -> tuple:
+        """The adapter name of each of the ``batch`` rows of mixed batch ``sel`` (validated)."""
+        k = self._rows_per_name(batch, sel)
+        return sel.names if k == 1 else tuple(n for n in sel.names for _ in range(k))
 
-    def _row_groups(self, batch: int, names) -> list:
-        """``[(name, row indices)]`` of a mixed batch of ``batch`` rows, for ``names``."""
-        row_names = self._row_names(batch)  # validated, expanded for beams
+    def _row_groups(self, batch: int, names, sel: Selection) -> list:
+        """``[(name, row indices)]`` of mixed batch ``sel`` over ``batch`` rows, for ``names``."""
+        row_names = self._row_names(batch, sel)  # validated, expanded for beams
         return [(n, [i for i, m in enumerate(row_names) if m == n]) for n in names]
 
     def token_slots(self, rows: int, batch: int) -> Tensor | None:
-        """The bank's ``token_slots`` (:meth:`fastpeft.nn.slots.SlotTable.token_slots`)."""
-        return self.bank.token_slots(rows, batch)
+        """The slots of the selection recorded on the layer (compiled forwards, graphs):
+        :meth:`fastpeft.nn.slots.SlotTable.state_token_slots`."""
+        return self.bank.state_token_slots(rows, batch)
 
     def _forward_with_row_names(self, x: Tensor, args: tuple, kwargs: dict):
         """PEFT's layer-level ``forward(x, adapter_names=[...])`` (PEFT's forward hooks pass it to
-        every layer for ``model(..., adapter_names=...)``): this call as a mixed batch."""
+        every layer for ``model(..., adapter_names=...)``): this call as a mixed batch, one name
+        per row (PEFT expands them for beams itself)."""
         names = kwargs.pop("adapter_names")
-        previous = self._mixed_names
-        self.set_mixed_names(None if names is None else ["__base__" if n is None else n for n in names])
-        try:
+        if names is None:
             return self.forward(x, *args, **kwargs)
-        finally:
-            self.set_mixed_names(previous)
+        names = tuple("__base__" if n is None else n for n in names)
+        if torch.compiler.is_compiling():  # compiled code reads the recorded selection
+            previous = self._row_selection
+            self.set_mixed_names(names)
+            try:
+                return self.forward(x, *args, **kwargs)
+            finally:
+                self.set_mixed_names(previous)
+        with _selection.selecting({self: Selection(names, False)}):
+            return self.forward(x, *args, **kwargs)
 
     # ----- names and slots -------------------------------------------------------------------
     @property

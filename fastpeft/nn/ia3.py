@@ -52,9 +52,9 @@ class IA3Linear(LinearLayerBase):
             s = s * self.ia3_l[n].flatten()
         return s
 
-    def _row_scales(self, x: Tensor) -> Tensor:
-        """[batch, D] per-row scales for a mixed batch (1 for rows without an adapter)."""
-        row_names = self._row_names(x.shape[0])  # validated, expanded for beams
+    def _row_scales(self, x: Tensor, sel) -> Tensor:
+        """[batch, D] per-row scales for mixed batch ``sel`` (1 for rows without an adapter)."""
+        row_names = self._row_names(x.shape[0], sel)  # validated, expanded for beams
         d = self.in_features if self.is_feedforward else self.out_features
         ones = torch.ones(d, dtype=next(iter(self.ia3_l.values())).dtype, device=x.device)
         rows = [self.ia3_l[n].flatten() if n in self.ia3_l else ones for n in row_names]
@@ -76,7 +76,7 @@ class IA3Linear(LinearLayerBase):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.ia3_l.values()):
             return None  # training: the name-based route, through the parameters
         none = stack.shape[0] - 1
-        ts = bank.token_slots(M, x.shape[0] if x.dim() > 1 else 1)  # [1, J] or [M, 1]
+        ts = bank.state_token_slots(M, x.shape[0] if x.dim() > 1 else 1)  # [1, J] or [M, 1]
         idx = torch.where(ts < 0, none, ts).long()
         if bank.rows is None:
             rows = stack.index_select(0, idx[0])  # [J, D]
@@ -95,19 +95,21 @@ class IA3Linear(LinearLayerBase):
                 if scales is not None:
                     return self._run_fused(x2, None, None, None, None, None, *scales).reshape(*x.shape[:-1], self.out_features)
         else:
-            used = self.active_adapters if self._mixed_names is None else dict.fromkeys(self._mixed_names)
+            sel = self._call_selection()
+            used = self.active_adapters if sel is None else dict.fromkeys(sel.names)
             if self.bank.needs_pack(used, self.ia3_l):
                 self._pack()  # once per state change: ready for a compiled forward
         names = self._adapters_to_run(self.ia3_l)
         if names is None:
             return self.base_layer(x, *args, **kwargs)
-        mixed = self._mixed_names is not None
+        sel = self._call_selection()
+        mixed = sel is not None
         if not names:
             if mixed:
-                self._rows_per_name(x.shape[0])  # validates the batch length
+                self._rows_per_name(x.shape[0], sel)  # validates the batch length
             return self.base_layer(x, *args, **kwargs)
         if mixed:
-            scale = self._row_scales(x)  # [B, D]
+            scale = self._row_scales(x, sel)  # [B, D]
             scale = scale.view(x.shape[0], *([1] * (x.dim() - 2)), -1)
         else:
             scale = self._scale_vector(names)

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import dora
+from . import selection as _selection
 from ._base_kinds import has_hooks, runs_fused, weight_nk
 from .bank import AdapterBank, Entry
 from .base import packs_outside_inference_mode
@@ -254,16 +255,18 @@ class LoraLinear(LinearLayerBase):
         if not args and not kwargs and not _is_compiling():
             bank = self.bank
             fast = y = None
+            sel = _selection.current(self)  # this call's mixed batch (None: the active adapters)
             if has_hooks(self._modules["base_layer"]):  # hooks added after the plan: base_layer(x) must run
                 bank.drop_plans()
-            elif bank.rows is None:
+            elif sel is None:
                 fast = bank.plan
                 y = fast(x) if fast is not None else None
             else:
-                fast = bank.mixed_plans.get(self._mixed_names)
+                fast = bank.mixed_plans.get(sel.names)
                 if fast is not None and x.dim() > 0 and x.shape[-1] == self.in_features:
                     M = x.numel() // max(self.in_features, 1)
-                    y = fast(x, bank.token_slots(M, x.shape[0] if x.dim() > 1 else 1))
+                    bank.prepare_call(self, sel)
+                    y = fast(x, bank.token_slots(M, x.shape[0] if x.dim() > 1 else 1, sel))
             if y is not None:
                 return y
             if fast is not None:
@@ -279,12 +282,12 @@ class LoraLinear(LinearLayerBase):
         names = self._adapters_to_run(self.lora_A)
         if names is None:
             return self.base_layer(x, *args, **kwargs)
-        mixed = self._mixed_names is not None
+        sel = self._call_selection()
         if not names:
-            if mixed:
-                self._rows_per_name(x.shape[0])  # validates the batch length
+            if sel is not None:
+                self._rows_per_name(x.shape[0], sel)  # validates the batch length
             return self.base_layer(x, *args, **kwargs)
-        if args or kwargs or self._needs_unfused(names, mixed):
+        if args or kwargs or self._needs_unfused(names, sel is not None):
             return self._forward_unfused(x, names, *args, **kwargs)
         return self._forward_fused(x, names)
 
@@ -301,7 +304,7 @@ class LoraLinear(LinearLayerBase):
         ):
             return self._forward_eager(x, *args, **kwargs)
         x2 = x.reshape(-1, self.in_features)
-        ts = bank.token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1)
+        ts = bank.state_token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1)
         if ts is None:
             return self.base_layer(x)
         g = None
@@ -320,14 +323,19 @@ class LoraLinear(LinearLayerBase):
     def _forward_fused(self, x: Tensor, names) -> Tensor:
         compiling = _is_compiling()
         bank = self.bank
+        sel = self._call_selection()
         if compiling:  # no pointer checks or repacking while tracing: the eager forwards pack
             if not bank.ready:
                 return self._forward_unfused(x, names)
-        elif bank.needs_pack(names, self._watched, self.scaling):
-            self._pack()
+        else:
+            if sel is not None:
+                bank.prepare_call(self, sel)
+            if bank.needs_pack(names, self._watched, self.scaling):
+                self._pack()
         x2 = x.reshape(-1, self.in_features)
-        mixed = self._mixed_names
-        ts = bank.token_slots(x2.shape[0], x.shape[0] if x.dim() > 1 else 1)
+        mixed = None if sel is None else sel.names
+        rows, batch = x2.shape[0], x.shape[0] if x.dim() > 1 else 1
+        ts = bank.state_token_slots(rows, batch) if compiling else bank.token_slots(rows, batch, sel)
         g = self._dora_scale()
         if g is False:  # under torch.compile without a cached DoRA scale
             return self._forward_unfused(x, names)
@@ -353,8 +361,9 @@ class LoraLinear(LinearLayerBase):
         """PEFT's unfused computation: used for training (dropout, gradients) and odd bases."""
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
-        if self._mixed_names is not None:
-            for n, rows in self._row_groups(x.shape[0], names):
+        sel = self._call_selection()
+        if sel is not None:
+            for n, rows in self._row_groups(x.shape[0], names, sel):
                 result[rows] = (result[rows] + self._adapter_delta(n, x[rows], result[rows])).to(out_dtype)
             return result
         for n in names:

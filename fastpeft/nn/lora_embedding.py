@@ -100,9 +100,10 @@ class LoraEmbedding(AdapterLayer):
         names = self._adapters_to_run(self.lora_embedding_A)
         if names is None:
             return self.base_layer(x, *args, **kwargs)
+        sel = self._call_selection()
         if not names:
-            if self._mixed_names is not None:
-                self._rows_per_name(x.shape[0] if x.dim() > 0 else 1)  # validates the batch length
+            if sel is not None:
+                self._rows_per_name(x.shape[0] if x.dim() > 0 else 1, sel)  # validates the batch length
             return self.base_layer(x, *args, **kwargs)
         if args or kwargs or self._needs_unfused(names):
             return self._forward_unfused(x, names, *args, **kwargs)
@@ -117,15 +118,17 @@ class LoraEmbedding(AdapterLayer):
         """One call of ``torch.ops.fastpeft.adapter_embedding`` on the bank's stacks."""
         bank = self.bank
         ids = x.reshape(-1)
-        ts = bank.token_slots(ids.shape[0], x.shape[0] if x.dim() > 0 else 1)
+        rows, batch = ids.shape[0], x.shape[0] if x.dim() > 0 else 1
+        ts = bank.state_token_slots(rows, batch) if _is_compiling() else bank.token_slots(rows, batch, self._call_selection())
         y = torch.ops.fastpeft.adapter_embedding(ids, self.base_layer.weight, bank.a, bank.bt, bank.scales, ts)
         return y.reshape(*x.shape, self.embedding_dim)
 
     def _forward_unfused(self, x, names, *args, **kwargs):
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
-        if self._mixed_names is not None:
-            for n, rows in self._row_groups(x.shape[0], names):
+        sel = self._call_selection()
+        if sel is not None:
+            for n, rows in self._row_groups(x.shape[0], names, sel):
                 after_a = self._embed(x[rows], self.lora_embedding_A[n].T)
                 result[rows] = result[rows] + (after_a @ self.lora_embedding_B[n].T) * self.scaling[n]
             return result

@@ -40,11 +40,11 @@ class ModulesToSaveWrapper(AdapterLayer):
             p.requires_grad_(False)
 
     def forward(self, x: Tensor, *args, **kwargs):
-        mixed = self._mixed_names
+        sel = self._call_selection()
         if self.disable_adapters:
             return self.original_module(x, *args, **kwargs)
-        if mixed is not None:
-            groups = self._row_groups(x.shape[0], [n for n in dict.fromkeys(mixed) if n in self.modules_to_save])
+        if sel is not None:
+            groups = self._row_groups(x.shape[0], [n for n in dict.fromkeys(sel.names) if n in self.modules_to_save], sel)
             result = self.original_module(x, *args, **kwargs)
             for n, rows in groups:
                 result[rows] = self.modules_to_save[n](x[rows], *args, **kwargs).to(result.dtype)

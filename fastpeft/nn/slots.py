@@ -41,12 +41,13 @@ def mark_dynamic(t: Tensor, *dims: int) -> None:
         torch._dynamo.maybe_mark_dynamic(t, d)
 
 
-def rows_per_name(n: int, batch: int, owner: str = "layer") -> int:
+def rows_per_name(n: int, batch: int, owner: str = "layer", repeat: bool = True) -> int:
     """Batch rows per mixed-batch name: 1, or k when generation repeated each row k times
-    (beam search, ``num_return_sequences``: Transformers repeats rows consecutively)."""
+    (beam search, ``num_return_sequences``: Transformers repeats rows consecutively) and
+    ``repeat`` allows it (a forward's own ``adapter_names`` must name every row)."""
     if n == batch:
         return 1
-    if n == 0 or batch % n:
+    if n == 0 or batch % n or not repeat:
         raise ValueError(
             f"mixed batch: got {n} adapter names for a batch of {batch} rows in {owner}; pass one name per batch row"
         )
@@ -105,6 +106,9 @@ class SlotTable:
         self.drop_plans()
 
     # ----- hooks of bank policies (see bank_offload.py) -------------------------------------
+    def prepare_call(self, layer, sel) -> None:
+        """An eager call of ``layer`` is about to run the mixed batch ``sel``."""
+
     def forget(self, name: str) -> None:
         """``name`` was deleted from the layer."""
 
@@ -210,24 +214,29 @@ class SlotTable:
         self.active_pages = kept
 
     # ----- what a call reads ----------------------------------------------------------------
-    def token_slots(self, rows: int, batch: int, names: tuple | None = None) -> Tensor | None:
-        """[1, J] (or its pages) for the active adapters, or [rows, 1] (or [rows, P_max]) for a
-        mixed batch. ``batch`` is the size of the input's first dimension; ``rows`` the number
-        of rows of x the operator sees. Built from the tensors kept by every state change; no
-        Python list becomes a tensor here, so the call traces under ``torch.compile``.
-
-        ``names``: one call's own selection (an adapter name per batch row) instead of the
-        table's state, which it leaves unchanged (eager calls; the rows are cached per names)."""
-        if names is not None:
+    def token_slots(self, rows: int, batch: int, sel=None) -> Tensor | None:
+        """One eager call's slots: [1, J] (or its pages) for the active adapters when ``sel``
+        (a :class:`fastpeft.nn.selection.Selection`) is None, else [rows, 1] (or [rows, P_max])
+        for the mixed batch it names. ``batch`` is the size of the input's first dimension;
+        ``rows`` the number of rows of x the operator sees. Changes nothing of the table's state
+        (the per-call slots are cached per names and shape), so concurrent calls do not meet."""
+        if sel is None:
+            return self.active if self.active_pages is None else self.active_pages
+        key = (sel, rows, batch)
+        ts = self._derived_for.get(key)
+        if ts is None:
             device = (self.active if self.active is not None else torch.empty(0)).device
-            key = (names, rows, batch)
-            ts = self._derived_for.get(key)
-            if ts is None:
-                ts = self.derive(self.rows_for(names, device), rows, batch).contiguous()
-                if len(self._derived_for) > MAX_CACHED_SHAPES:
-                    self._derived_for.clear()
-                self._derived_for[key] = ts
-            return ts
+            ts = self.derive(self.rows_for(sel.names, device), rows, batch, sel.repeat).contiguous()
+            if len(self._derived_for) > MAX_CACHED_SHAPES:
+                self._derived_for.clear()
+            self._derived_for[key] = ts
+        return ts
+
+    def state_token_slots(self, rows: int, batch: int) -> Tensor | None:
+        """The slots of the selection recorded on the layer (``set_mixed_names``), for compiled
+        forwards and the graphs captured from them: [1, J] for the active adapters, or [rows, 1]
+        from the stable per-size row buffers, updated in place by every state change (a captured
+        CUDA graph follows them). Traceable: no Python list becomes a tensor here."""
         rs = self.rows
         if rs is None:
             return self.active if self.active_pages is None else self.active_pages
@@ -242,11 +251,11 @@ class SlotTable:
             self._derived[key] = ts
         return ts
 
-    def derive(self, rs: Tensor, rows: int, batch: int) -> Tensor:
+    def derive(self, rs: Tensor, rows: int, batch: int, repeat: bool = True) -> Tensor:
         """[rows, 1] slots (pages: [rows, P_max]) from the per-name slots ``rs``: each name
-        covers ``batch // len(rs)`` consecutive batch rows, each batch row ``rows // batch``
-        consecutive rows of x."""
-        k = rows_per_name(rs.shape[0], batch, self.owner)  # a shape, not the names: no guard on them
+        covers ``batch // len(rs)`` consecutive batch rows (only 1 unless ``repeat``), each
+        batch row ``rows // batch`` consecutive rows of x."""
+        k = rows_per_name(rs.shape[0], batch, self.owner, repeat)  # a shape, not the names: no guard on them
         per_row = rs if k == 1 else rs.repeat_interleave(k)
         per = rows // batch if batch else 1
         ts = (per_row if per == 1 else per_row.repeat_interleave(per)).unsqueeze(1)
