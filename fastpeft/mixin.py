@@ -7,10 +7,12 @@ become fastpeft's). Adapters are stored in ``model.peft_config`` as in Transform
 from __future__ import annotations
 
 import contextlib
+import functools
 
 from torch import nn
 
 from . import checkpoint, tuner
+from ._locks import reading
 from .config import PeftConfig
 
 
@@ -87,6 +89,17 @@ class AdapterMixin:
 _mixin_classes: dict[type, type] = {}
 
 
+def _locked_forward(forward):
+    """``forward`` run with the model's lock held shared (adapter changes from other threads
+    wait: fastpeft/_locks.py); its signature stays (Transformers' generate and Trainer read it)."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        return reading(self, forward, self, *args, **kwargs)
+
+    return wrapper
+
+
 def with_adapters(model: nn.Module) -> nn.Module:
     """Give ``model`` (any nn.Module, e.g. a Transformers model) the mixin's methods in place."""
     cls = type(model)
@@ -94,7 +107,8 @@ def with_adapters(model: nn.Module) -> nn.Module:
         return model
     new_cls = _mixin_classes.get(cls)
     if new_cls is None:
-        new_cls = type(cls.__name__, (AdapterMixin, cls), {"__module__": cls.__module__})
+        attrs = {"__module__": cls.__module__, "forward": _locked_forward(cls.forward)}
+        new_cls = type(cls.__name__, (AdapterMixin, cls), attrs)
         _mixin_classes[cls] = new_cls
     model.__class__ = new_cls
     return model

@@ -7,6 +7,7 @@ import os
 from torch import nn
 
 from . import checkpoint, targeting, tuner
+from ._locks import reading
 from .config import PeftConfig
 
 
@@ -23,7 +24,7 @@ class AdapterModel(nn.Module):
         return tuner._configs(self.model)
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        return reading(self.model, self.model, *args, **kwargs)
 
     # PEFT's tuner-level API (LoraModel & co.): ``model.base_model.set_adapter([...])`` is how
     # PEFT users activate several adapters at once
@@ -200,6 +201,9 @@ class PeftModel(nn.Module):
 
     # ----- running -------------------------------------------------------------------------------
     def forward(self, *args, adapter_names=None, **kwargs):
+        return reading(self.base_model.model, self._forward, args, adapter_names, kwargs)
+
+    def _forward(self, args, adapter_names, kwargs):
         model = self.base_model.model
         if adapter_names is None:
             return model(*args, **kwargs)
@@ -207,6 +211,9 @@ class PeftModel(nn.Module):
             return model(*args, **kwargs)
 
     def generate(self, *args, adapter_names=None, **kwargs):
+        return reading(self.base_model.model, self._generate, args, adapter_names, kwargs)
+
+    def _generate(self, args, adapter_names, kwargs):
         model = self.base_model.model
         if adapter_names is None:
             return model.generate(*args, **kwargs)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from . import checkpoint, targeting
+from ._locks import changes
 from ._progress import progress
 from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig
 from .nn import AdaLoraLinear, AdapterLayer, IA3Linear, LoraEmbedding, LoraLinear, ModulesToSaveWrapper
@@ -81,6 +82,7 @@ def _adapter_dtype(base: nn.Module, autocast: bool) -> torch.dtype | None:
     return w.dtype
 
 
+@changes
 def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
            autocast_adapter_dtype: bool = False, weights: dict | None = None, finish=None) -> list[str]:
     """Add adapter ``adapter_name`` described by ``config`` to ``model`` in place, and fill it
@@ -252,6 +254,7 @@ def _remove_adapter_from_layers(model: nn.Module, adapter_name: str) -> None:
 
 
 # ----- state ----------------------------------------------------------------------------------
+@changes
 def load_weights(model: nn.Module, file_sd: dict, adapter_name: str, config: PeftConfig) -> None:
     """Copy a PEFT-format state dict into adapter ``adapter_name`` (already injected).
 
@@ -304,6 +307,7 @@ def _check_names(model: nn.Module, names: Iterable[str], what: str) -> list[str]
     return names
 
 
+@changes
 def set_adapter(model: nn.Module, names) -> None:
     names = _check_names(model, names, "set_adapter")
     if not names:
@@ -320,6 +324,7 @@ def active_adapters(model: nn.Module) -> list[str]:
     return []
 
 
+@changes
 def enable_adapters(model: nn.Module, enabled: bool = True) -> None:
     for layer in adapter_layers(model):
         layer.enable_adapters(enabled)
@@ -330,6 +335,7 @@ def adapters_enabled(model: nn.Module) -> bool:
     return not layers or not layers[0].disable_adapters
 
 
+@changes
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     _check_names(model, [adapter_name], "delete_adapter")
     _remove_adapter_from_layers(model, adapter_name)
@@ -404,17 +410,20 @@ def _peft_names_hook(names: tuple, block):
 
 
 # ----- merging ----------------------------------------------------------------------------------
+@changes
 def merge(model: nn.Module, adapter_names=None, safe_merge: bool = False) -> None:
     names = _check_names(model, adapter_names, "merge") if adapter_names is not None else None
     for layer in adapter_layers(model):
         layer.merge(names, safe_merge=safe_merge)
 
 
+@changes
 def unmerge(model: nn.Module) -> None:
     for layer in adapter_layers(model):
         layer.unmerge()
 
 
+@changes
 def unload(model: nn.Module, merge_first: bool, adapter_names=None, safe_merge: bool = False,
            progressbar: bool = False) -> nn.Module:
     """Replace every adapter layer by its base (merged first if asked); returns ``model``.

@@ -10,6 +10,7 @@ change, and a forward hands the operator the bank's ``token_slots``.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -19,19 +20,24 @@ from . import selection as _selection
 from .selection import Selection
 from .slots import SlotTable, rows_per_name
 
+# One repack at a time: two threads' forwards that both find a layer's stacks stale must not
+# build and alias them at once (a repack is rare: after an add, delete, move or replacement).
+PACK_LOCK = threading.RLock()
+
 
 def packs_outside_inference_mode(pack):
     """Decorator of the layers' ``_pack``: the stacks are built as normal tensors even when the
     forward that triggers packing runs under ``torch.inference_mode()``. Parameters become views
     of the stacks, so stacks made as inference tensors would turn them into inference tensors,
-    and a later training step would silently get no gradients."""
+    and a later training step would silently get no gradients. Holds :data:`PACK_LOCK`."""
 
     @functools.wraps(pack)
     def wrapper(self, *args, **kwargs):
-        if torch.is_inference_mode_enabled():
-            with torch.inference_mode(False), torch.no_grad():
-                return pack(self, *args, **kwargs)
-        return pack(self, *args, **kwargs)
+        with PACK_LOCK:
+            if torch.is_inference_mode_enabled():
+                with torch.inference_mode(False), torch.no_grad():
+                    return pack(self, *args, **kwargs)
+            return pack(self, *args, **kwargs)
 
     return wrapper
 
