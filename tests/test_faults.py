@@ -90,3 +90,42 @@ def test_freeze_after_inject_interrupted_is_rolled_back(saved, monkeypatch):
             fm.load_adapter(folder, adapter_name="other")
     _assert_same(before, _state(fm))
     assert list(fm.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(lora_alpha=float("nan")), "lora_alpha"),
+    (dict(lora_alpha=float("inf")), "lora_alpha"),
+    (dict(lora_alpha=-float("inf")), "lora_alpha"),
+    (dict(alpha_pattern={"q_proj": float("nan")}), "alpha_pattern"),
+    (dict(layers_to_transform=[0, -1]), "negative"),
+    (dict(layers_to_transform=-1), "negative"),
+])
+def test_bad_lora_values_are_refused_at_config_time(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastpeft.LoraConfig(r=2, target_modules=["q_proj"], **kwargs)
+
+
+@pytest.mark.parametrize("beta", [1.0, 1.5, -0.1, float("nan")])
+def test_adalora_betas_outside_the_unit_interval_are_refused(beta):
+    for name in ("beta1", "beta2"):
+        with pytest.raises(ValueError, match=name):
+            fastpeft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj"], **{name: beta})
+
+
+def test_a_saved_config_with_nan_alpha_is_refused_before_the_model_changes(saved, tmp_path):
+    import json
+
+    pristine, inputs, folder = saved
+    cfg = json.loads(open(f"{folder}/adapter_config.json").read())
+    cfg["lora_alpha"] = float("nan")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    import shutil
+
+    shutil.copy(f"{folder}/adapter_model.safetensors", bad / "adapter_model.safetensors")
+    fm = fastpeft.PeftModel(fresh_copy(pristine), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    before = _state(fm)
+    with pytest.raises(Exception, match="lora_alpha"):
+        fm.load_adapter(str(bad), adapter_name="nan")
+    _assert_same(before, _state(fm))

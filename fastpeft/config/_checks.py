@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import enum
+import math
 import numbers
 
 
@@ -14,6 +15,13 @@ def _is_int(value) -> bool:
 
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_finite(name: str, value) -> None:
+    """A number that is not NaN or +-Inf (a NaN scale turns outputs into NaN on some backends and
+    is ignored by others: CPU ``addmm_`` with a NaN alpha runs the adapter at scale 1)."""
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
 
 
 def _check_bool(name: str, value) -> None:

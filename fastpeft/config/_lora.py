@@ -8,7 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._base import PeftConfig, PeftType
-from ._checks import _check_bool, _check_non_negative_int, _check_positive_int, _is_int, _is_number, _module_names, _plain
+from ._checks import (
+    _check_bool,
+    _check_finite,
+    _check_non_negative_int,
+    _check_positive_int,
+    _is_int,
+    _is_number,
+    _module_names,
+    _plain,
+)
 from ._fields import ADALORA_FIELDS, LORA_FIELDS
 
 _LORA_BIAS_VALUES = ("none", "all", "lora_only")
@@ -83,6 +92,7 @@ class LoraConfig(PeftConfig):
             raise ValueError(f"`r` must be an integer, got {self.r!r}.")
         if not _is_number(self.lora_alpha):
             raise TypeError(f"`lora_alpha` must be a number, got {self.lora_alpha!r}.")
+        _check_finite("lora_alpha", self.lora_alpha)
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise ValueError(f"`lora_dropout` must be a number in [0, 1), got {self.lora_dropout!r}.")
         if self.bias not in _LORA_BIAS_VALUES:
@@ -117,6 +127,12 @@ class LoraConfig(PeftConfig):
             if not isinstance(idx, (list, tuple)) or not all(_is_int(i) for i in idx):
                 raise TypeError(f"`layers_to_transform` must be an int or a list of ints, got {idx!r}.")
             self.layers_to_transform = list(idx)
+        negative = [i for i in ([idx] if _is_int(idx) else (idx or [])) if i < 0]
+        if negative:
+            raise ValueError(
+                f"`layers_to_transform` holds negative indices {negative}: layer indices are matched as "
+                "written (PEFT's rule), so a negative one would adapt no layer; give indices >= 0."
+            )
         pattern = self.layers_pattern
         if pattern is not None and not isinstance(pattern, str):
             if not isinstance(pattern, (list, tuple)) or not all(isinstance(p, str) for p in pattern):
@@ -139,6 +155,7 @@ class LoraConfig(PeftConfig):
         for key, value in (self.alpha_pattern or {}).items():
             if not _is_number(value):
                 raise TypeError(f"`alpha_pattern[{key!r}]` must be a number, got {value!r}.")
+            _check_finite(f"alpha_pattern[{key!r}]", value)
         if self._PEFT_TYPE is PeftType.LORA:
             for key, value in (self.rank_pattern or {}).items():
                 _check_positive_int(f"rank_pattern[{key!r}]", value)
@@ -201,6 +218,10 @@ class AdaLoraConfig(LoraConfig):
         for name in ("beta1", "beta2", "orth_reg_weight"):
             if not _is_number(getattr(self, name)):
                 raise TypeError(f"`{name}` must be a number, got {getattr(self, name)!r}.")
+            _check_finite(name, getattr(self, name))
+        for name in ("beta1", "beta2"):  # the allocator's moving averages: weights in [0, 1)
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"AdaLoRA `{name}` must be in [0, 1), got {getattr(self, name)!r}.")
         if self.total_step is None or not _is_int(self.total_step) or self.total_step <= 0:
             raise ValueError(f"AdaLoRA needs `total_step` > 0 (the number of training steps), got {self.total_step!r}.")
         if self.orth_reg_weight < 0:
