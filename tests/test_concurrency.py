@@ -177,3 +177,44 @@ def test_a_forward_names_every_row(served):
         with torch.no_grad():
             fm(**kw6, adapter_names=["a1", "a2", "a3"])
     assert _layer_state(fm) == state
+
+
+def test_threads_on_a_peft_model_after_optimize():
+    """fastpeft.mixed_batch on a PEFT model after fastpeft.optimize: per call as well (PEFT's own
+    ``adapter_names=`` injects the names through hooks every thread sees: PEFT's behaviour)."""
+    import peft
+
+    base, inputs = tiny("llama")
+    pm = peft.get_peft_model(fresh_copy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+                             adapter_name=NAMES[0])
+    for n in NAMES[1:4]:
+        pm.add_adapter(n, peft.LoraConfig(r=3, lora_alpha=8, target_modules=TARGETS))
+    randomize_adapters(pm, seed=5)
+    pm.eval()
+    fastpeft.optimize(pm)
+    kw = inputs(batch=3, seq=4)
+    with torch.no_grad():
+        alone = {n: (pm.set_adapter(n), logits(pm, kw))[1] for n in NAMES[:4]}
+    pm.set_adapter(NAMES[0])
+    bad, errors = [], []
+
+    def caller(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(20):
+                rows = [rng.choice(NAMES[:4]) for _ in range(3)]
+                with fastpeft.mixed_batch(pm, rows), torch.no_grad():
+                    got = logits(pm, kw)
+                if not torch.allclose(got, _expected(alone, rows), atol=1e-5, rtol=1e-5):
+                    bad.append(rows)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=caller, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not bad, (errors[:2], bad[:3])
+    with torch.no_grad():
+        torch.testing.assert_close(logits(pm, kw), alone[NAMES[0]], atol=1e-6, rtol=1e-6)
