@@ -68,7 +68,7 @@ def test_global_module_hooks_see_the_base_layer(pair):
     assert seen == [_q(fm).base_layer]
 
 
-@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload"])
+@pytest.mark.parametrize("how", ["cpu_offload", "disk_offload", "dispatch_model"])
 def test_accelerate_offloaded_weights_give_peft_outputs(pair, how, tmp_path):
     import accelerate
 
@@ -77,8 +77,12 @@ def test_accelerate_offloaded_weights_give_peft_outputs(pair, how, tmp_path):
     model = fm.get_base_model()
     if how == "cpu_offload":
         accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
-    else:
+    elif how == "disk_offload":
         accelerate.disk_offload(model, offload_dir=str(tmp_path / "off"), execution_device=torch.device("cpu"))
+    else:  # the decoder layers on disk, the rest in memory (a device_map as from_pretrained makes)
+        top = {n: "cpu" for n, _ in model.model.named_children() if n != "layers"}
+        device_map = {f"model.{n}": d for n, d in top.items()} | {"model.layers": "disk", "lm_head": "cpu"}
+        accelerate.dispatch_model(model, device_map=device_map, main_device="cpu", offload_dir=str(tmp_path / "off"))
     assert _q(fm).base_layer.weight.device.type == "meta"
     torch.testing.assert_close(logits(fm, kw), expected, atol=1e-5, rtol=1e-5)
     with fastpeft.mixed_batch(fm, ["__base__", "default"]):
