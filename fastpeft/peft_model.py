@@ -86,9 +86,9 @@ class PeftModel(nn.Module):
         self._autocast = autocast_adapter_dtype
         # PEFT's PeftModelFor<Task> classes add the task head to modules_to_save
         peft_config = targeting.with_task_defaults(peft_config)
-        tuner.inject(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, weights=_weights)
-        if getattr(peft_config, "inference_mode", False):
-            self._freeze_adapters(adapter_name)
+        freeze = (lambda: self._freeze_adapters(adapter_name)) if getattr(peft_config, "inference_mode", False) else None
+        tuner.inject(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, weights=_weights,
+                     finish=freeze)  # any exception: the model is left as it was
 
     # ----- construction ----------------------------------------------------------------------
     @classmethod
@@ -105,8 +105,7 @@ class PeftModel(nn.Module):
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                          _weights=weights)
         if not is_trainable:
-            peft_model.eval()
-            peft_model._freeze_adapters(adapter_name)
+            peft_model.eval()  # (the adapter was frozen inside the rolled-back injection)
         return peft_model
 
     # ----- the adapters ------------------------------------------------------------------------

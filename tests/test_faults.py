@@ -129,3 +129,16 @@ def test_a_saved_config_with_nan_alpha_is_refused_before_the_model_changes(saved
     with pytest.raises(Exception, match="lora_alpha"):
         fm.load_adapter(str(bad), adapter_name="nan")
     _assert_same(before, _state(fm))
+
+
+def test_from_pretrained_interrupted_leaves_the_base_model(saved, monkeypatch):
+    pristine, inputs, folder = saved
+    model = fresh_copy(pristine)
+    before = _state(model)
+    with monkeypatch.context() as mp:
+        mp.setattr(fastpeft.PeftModel, "_freeze_adapters", lambda self, name: _interrupt())
+        with pytest.raises(KeyboardInterrupt):
+            fastpeft.PeftModel.from_pretrained(model, folder)
+    _assert_same(before, _state(model))
+    fm = fastpeft.PeftModel.from_pretrained(model, folder)
+    assert not any(p.requires_grad for n, p in fm.named_parameters() if "lora_" in n)

@@ -1,6 +1,7 @@
 """Decode speed of two source trees side by side: ``bench/bench_generate.py`` of each, alternated.
 
     .venv/bin/python tools/ab_generate.py --before /path/to/old/checkout [--after .] [--rounds 3]
+    .venv/bin/python tools/ab_generate.py --tree old=/tmp/a --tree mid=/tmp/b --tree new=.
 
 Each round runs the ``before`` tree's ``bench/bench_generate.py``, then the ``after`` tree's, in
 fresh processes whose ``fastpeft`` is that tree's (its ``bench`` script puts its own tree first on
@@ -53,14 +54,22 @@ def medians(runs: list) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--before", required=True, help="the old checkout")
+    p.add_argument("--before", help="the old checkout")
     p.add_argument("--after", default=ROOT, help="the new checkout (default: this one)")
+    p.add_argument("--tree", action="append", default=[], metavar="LABEL=PATH",
+                   help="trees to compare, in order (instead of --before/--after; the first is the reference)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--methods", default="base,peft,optimize,fastpeft")
     p.add_argument("--out", default=None, help="CSV path (default: bench/results/ab-generate-cpu-<date>.csv)")
     args, extra = p.parse_known_args(argv)
     extra = ["--methods", args.methods, *extra]
-    trees = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}
+    if args.tree:
+        trees = dict(t.split("=", 1) for t in args.tree)
+    elif args.before:
+        trees = {"before": args.before, "after": args.after}
+    else:
+        p.error("give --before (and --after) or --tree LABEL=PATH ...")
+    trees = {k: os.path.abspath(v) for k, v in trees.items()}
     commits = {k: subprocess.run(["git", "-C", t, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
                for k, t in trees.items()}
     runs: dict = {k: [] for k in trees}
@@ -69,18 +78,24 @@ def main(argv=None) -> int:
             for name, tree in trees.items():
                 print(f"round {i + 1}/{args.rounds}: {name} ({commits[name]})", flush=True)
                 runs[name].append(run_tree(tree, os.path.join(tmp, f"{name}-{i}.csv"), extra))
-    device = runs["after"][0][0]["device"]
+    labels = list(trees)
+    first, last = labels[0], labels[-1]
+    device = runs[last][0][0]["device"]
     med = {k: medians(v) for k, v in runs.items()}
     rows = []
-    for key in med["after"]:
-        b, a = med["before"].get(key, {}), med["after"][key]
+    for key in med[last]:
         row = dict(zip(KEYS, key, strict=True))
-        for v in VALUES:
-            row[f"before_{v}"], row[f"after_{v}"] = round(b.get(v, float("nan")), 3), round(a.get(v, float("nan")), 3)
-        row["after_over_before"] = round(a["decode_ms"] / b["decode_ms"], 3) if b.get("decode_ms") else ""
+        for label in labels:
+            m = med[label].get(key, {})
+            for v in VALUES:
+                row[f"{label}_{v}"] = round(m.get(v, float("nan")), 3)
+        for label in labels[1:]:
+            b, a = med[first].get(key, {}), med[label].get(key, {})
+            ok = b.get("decode_ms") and a.get("decode_ms")
+            row[f"{label}_over_{first}"] = round(a["decode_ms"] / b["decode_ms"], 3) if ok else ""
         rows.append(row)
     date = _dt.datetime.now()
-    meta = dict(device=device, date=f"{date:%Y-%m-%d %H:%M}", before=commits["before"], after=commits["after"],
+    meta = dict(device=device, date=f"{date:%Y-%m-%d %H:%M}", trees=" ".join(f"{k}={commits[k]}" for k in labels),
                 rounds=args.rounds, args=" ".join(extra))
     out = args.out or os.path.join(ROOT, "bench", "results", f"ab-generate-cpu-{date:%Y-%m-%d}.csv")
     with open(out, "w", newline="") as f:
@@ -88,12 +103,12 @@ def main(argv=None) -> int:
         w.writeheader()
         for r in rows:
             w.writerow({**meta, **r})
-    cols = [*KEYS, "before_decode_ms", "after_decode_ms", "after_over_before", "before_vs_peft", "after_vs_peft",
-            "before_vs_base", "after_vs_base"]
-    print(f"\n{device}; medians of {args.rounds} alternated runs; before {commits['before']}, after {commits['after']}")
-    print("  ".join(f"{c:>16}" for c in cols))
+    cols = [*KEYS, *(f"{lb}_decode_ms" for lb in labels), *(f"{lb}_over_{first}" for lb in labels[1:]),
+            *(f"{lb}_vs_peft" for lb in labels)]
+    print(f"\n{device}; medians of {args.rounds} alternated runs; " + ", ".join(f"{k} {commits[k]}" for k in labels))
+    print("  ".join(f"{c:>18}" for c in cols))
     for r in rows:
-        print("  ".join(f"{r[c]!s:>16}" for c in cols))
+        print("  ".join(f"{r[c]!s:>18}" for c in cols))
     print(f"-> {out}")
     return 0
 
