@@ -9,7 +9,8 @@ fresh processes whose ``fastpeft`` is that tree's (its ``bench`` script puts its
 same). Alternating rounds give both trees the same share of a busy machine's noise. Printed and
 written to ``bench/results/ab-generate-<device>-<date>.csv``: per method and scenario the median
 over rounds of ``decode_ms`` and of the ratios to ``base`` and ``peft`` measured *within* each run
-(the figure that compares across trees: both sides divide by the same run's PEFT).
+and to the base model at the same batch size (``vs_base_batch``), the figures that compare across
+trees on a noisy machine: both sides divide by the same run's reference.
 
 Both trees' CSVs must carry ``method, batch, adapters, decode_ms, vs_base, vs_peft`` (every
 ``bench_generate`` since 2026-11-22 does).
@@ -29,6 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 KEYS = ("method", "batch", "adapters")
 VALUES = ("decode_ms", "vs_base", "vs_peft")
+RATIOS = (*VALUES, "vs_base_batch")
 
 
 def run_tree(tree: str, out: str, extra: list) -> list:
@@ -41,14 +43,18 @@ def run_tree(tree: str, out: str, extra: list) -> list:
 
 
 def medians(runs: list) -> dict:
-    """(method, batch, adapters) -> {value: median over runs}."""
+    """(method, batch, adapters) -> {value: median over runs}. ``vs_base_batch``: decode_ms over
+    the same run's ``base`` at the same batch size (mixed batches have no base row of their own)."""
     acc: dict = {}
     for rows in runs:
+        base = {r["batch"]: float(r["decode_ms"]) for r in rows if r["method"] == "base" and r["adapters"] == "1"}
         for r in rows:
             key = tuple(r[k] for k in KEYS)
             for v in VALUES:
                 if r.get(v) not in (None, ""):
                     acc.setdefault(key, {}).setdefault(v, []).append(float(r[v]))
+            if base.get(r["batch"]) and r.get("decode_ms") not in (None, ""):
+                acc.setdefault(key, {}).setdefault("vs_base_batch", []).append(float(r["decode_ms"]) / base[r["batch"]])
     return {k: {v: statistics.median(xs) for v, xs in d.items()} for k, d in acc.items()}
 
 
@@ -87,7 +93,7 @@ def main(argv=None) -> int:
         row = dict(zip(KEYS, key, strict=True))
         for label in labels:
             m = med[label].get(key, {})
-            for v in VALUES:
+            for v in RATIOS:
                 row[f"{label}_{v}"] = round(m.get(v, float("nan")), 3)
         for label in labels[1:]:
             b, a = med[first].get(key, {}), med[label].get(key, {})
@@ -103,7 +109,7 @@ def main(argv=None) -> int:
         w.writeheader()
         for r in rows:
             w.writerow({**meta, **r})
-    cols = [*KEYS, *(f"{lb}_decode_ms" for lb in labels), *(f"{lb}_over_{first}" for lb in labels[1:]),
+    cols = [*KEYS, *(f"{lb}_decode_ms" for lb in labels), *(f"{lb}_vs_base_batch" for lb in labels),
             *(f"{lb}_vs_peft" for lb in labels)]
     print(f"\n{device}; medians of {args.rounds} alternated runs; " + ", ".join(f"{k} {commits[k]}" for k in labels))
     print("  ".join(f"{c:>18}" for c in cols))

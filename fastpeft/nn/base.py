@@ -23,6 +23,9 @@ from .slots import SlotTable, rows_per_name
 # One repack at a time: two threads' forwards that both find a layer's stacks stale must not
 # build and alias them at once (a repack is rare: after an add, delete, move or replacement).
 PACK_LOCK = threading.RLock()
+# Opening and closing model-level mixed batches on a layer (the selection recorded for compiled
+# forwards): several threads' blocks must not lose each other's entries.
+_BLOCKS_LOCK = threading.RLock()
 
 
 def packs_outside_inference_mode(pack):
@@ -111,18 +114,20 @@ class AdapterLayer(nn.Module):
 
     def _open_block(self, block, names: tuple) -> None:
         """A model-level mixed batch opened on this layer: recorded for compiled forwards."""
-        self._open_blocks.append((block, names))
-        try:
-            self.set_mixed_names(names)
-        except BaseException:  # e.g. an offloading bank that cannot hold the names: nothing stays
-            self._close_block(block)
-            raise
+        with _BLOCKS_LOCK:  # blocks of several threads open and close at once
+            self._open_blocks.append((block, names))
+            try:
+                self.set_mixed_names(names)
+            except BaseException:  # e.g. an offloading bank that cannot hold the names: nothing stays
+                self._close_block(block)
+                raise
 
     def _close_block(self, block) -> None:
         """The block ended: the layer records the innermost block still open (None: none), in
         whatever order blocks end."""
-        self._open_blocks = [(b, n) for b, n in self._open_blocks if b is not block]
-        self.set_mixed_names(self._open_blocks[-1][1] if self._open_blocks else None)
+        with _BLOCKS_LOCK:
+            self._open_blocks = [(b, n) for b, n in self._open_blocks if b is not block]
+            self.set_mixed_names(self._open_blocks[-1][1] if self._open_blocks else None)
 
     def _slot_device(self) -> torch.device:
         w = getattr(self.get_base_layer(), "weight", None)
