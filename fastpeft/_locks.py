@@ -9,7 +9,10 @@ it, and a change never meets a forward inside a layer. A waiting change goes bef
 come after it (no starvation by a stream of forwards); a forward in progress finishes first.
 
 The lock is re-entrant per thread (a forward hook that calls a forward; a change made from inside
-a forward of the same thread proceeds once the *other* threads' forwards are done). Locks are kept
+a forward of the same thread proceeds once the *other* threads' forwards are done; a second thread
+doing the same at that time gets a ``RuntimeError`` instead of a deadlock). A forward must not
+wait for another thread's forward of the same model: with a change waiting, that deadlocks (new
+forwards wait for the change, the change for the forward in progress). Locks are kept
 in a weak table, not on the model, so models still copy and pickle. Compiled code takes no lock
 (``torch.compile`` cannot trace one): a compiled model is one caller's.
 """
@@ -31,6 +34,7 @@ class RWLock:
         self._writer: int | None = None
         self._write_depth = 0
         self._writers_waiting = 0
+        self._upgrader: int | None = None  # a thread waiting to change from inside its own forward
 
     @contextlib.contextmanager
     def reading(self):
@@ -56,12 +60,22 @@ class RWLock:
         me = threading.get_ident()
         with self._cond:
             if self._writer != me:
+                upgrading = me in self._readers
+                if upgrading:
+                    if self._upgrader is not None:  # both would wait for the other's forward forever
+                        raise RuntimeError(
+                            "two threads are changing the adapters of one model from inside their own forwards "
+                            "(e.g. generate callbacks); make the change outside the forward"
+                        )
+                    self._upgrader = me
                 self._writers_waiting += 1
                 try:
                     while self._writer is not None or any(t != me for t in self._readers):
                         self._cond.wait()
                 finally:
                     self._writers_waiting -= 1
+                    if upgrading:
+                        self._upgrader = None
                 self._writer = me
             self._write_depth += 1
         try:

@@ -136,10 +136,10 @@ def _hub_download(repo_id, filename, subfolder, revision, token, cache_dir, requ
         if not required:
             return None
         status = _http_status(exc)
-        if offline:
-            reason = "offline mode is on (HF_HUB_OFFLINE=1 or local_files_only)"
-        elif status is not None:  # huggingface_hub reports an HTTP error of its metadata call this way
+        if status is not None:  # huggingface_hub reports an HTTP error of its metadata call this way
             reason = f"the Hub answered HTTP {status} ({_cause_text(exc)})"
+        elif offline:
+            reason = "offline mode is on (HF_HUB_OFFLINE=1 or local_files_only)"
         else:
             reason = "the Hub is unreachable"
         raise AdapterNotFoundError(

@@ -12,7 +12,7 @@ import functools
 from torch import nn
 
 from . import checkpoint, tuner
-from ._locks import reading
+from ._locks import model_lock, reading
 from .config import PeftConfig
 
 
@@ -47,8 +47,9 @@ class AdapterMixin:
     def add_adapter(self, adapter_config: PeftConfig, adapter_name: str | None = None) -> None:
         """Add a fresh adapter for training and make it the active one (as Transformers)."""
         adapter_name = adapter_name or "default"
-        tuner.inject(self, adapter_config, adapter_name)
-        tuner.set_adapter(self, adapter_name)
+        with model_lock(self).writing():  # added and made active in one step for other threads
+            tuner.inject(self, adapter_config, adapter_name)
+            tuner.set_adapter(self, adapter_name)
         self._hf_peft_config_loaded = True
 
     def _require_adapters(self):
@@ -80,8 +81,9 @@ class AdapterMixin:
         self._require_adapters()
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         tuner._check_names(self, names, "delete_adapter")
-        for n in names:
-            tuner.delete_adapter(self, n)
+        with model_lock(self).writing():  # all of them, or none, for other threads' forwards
+            for n in names:
+                tuner.delete_adapter(self, n)
         if not self.peft_config:
             self._hf_peft_config_loaded = False
 
@@ -108,6 +110,8 @@ def with_adapters(model: nn.Module) -> nn.Module:
     new_cls = _mixin_classes.get(cls)
     if new_cls is None:
         attrs = {"__module__": cls.__module__, "forward": _locked_forward(cls.forward)}
+        if callable(getattr(cls, "generate", None)):  # a whole generation sees one set of adapters
+            attrs["generate"] = _locked_forward(cls.generate)
         new_cls = type(cls.__name__, (AdapterMixin, cls), attrs)
         _mixin_classes[cls] = new_cls
     model.__class__ = new_cls

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+import time
 
 import pytest
 import torch
@@ -218,3 +219,107 @@ def test_threads_on_a_peft_model_after_optimize():
     assert not errors and not bad, (errors[:2], bad[:3])
     with torch.no_grad():
         torch.testing.assert_close(logits(pm, kw), alone[NAMES[0]], atol=1e-6, rtol=1e-6)
+
+
+def test_offloaded_layers_serve_concurrent_callers():
+    """An offloading bank (keep_adapters_on_cpu) with fewer device slots than the callers' adapters:
+    a thread of mixed batches and a thread of plain calls each get their own outputs."""
+    from fastpeft.offload import keep_adapters_on_cpu
+
+    base, inputs = tiny("llama")
+    fm = fastpeft.get_peft_model(fresh_copy(base), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
+                                 adapter_name="a")
+    for n in ("b", "c"):
+        fm.add_adapter(n, fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    randomize_adapters(fm, seed=9)
+    fm.eval()
+    kw = inputs(batch=2, seq=4)
+    with torch.no_grad():
+        alone = {n: (fm.set_adapter(n), logits(fm, kw))[1] for n in ("a", "b", "c")}
+    fm.set_adapter("a")
+    keep_adapters_on_cpu(fm, max_on_device=2)
+    bad, errors = [], []
+
+    def mixed():
+        try:
+            for _ in range(40):
+                with torch.no_grad():
+                    got = fm(**kw, adapter_names=["b", "c"]).logits
+                if not torch.allclose(got, _expected(alone, ["b", "c"]), atol=1e-5, rtol=1e-5):
+                    bad.append("mixed")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    def plain():
+        try:
+            for _ in range(40):
+                with torch.no_grad():
+                    got = logits(fm, kw)
+                if not torch.allclose(got, alone["a"], atol=1e-5, rtol=1e-5):
+                    bad.append("plain")
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=mixed), threading.Thread(target=plain)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not bad, (errors[:2], len(bad), bad[:3])
+
+
+def test_a_generation_of_a_with_adapters_model_sees_one_set_of_adapters(tmp_path):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    base, inputs = tiny("llama")
+    model = fastpeft.with_adapters(fresh_copy(base))
+    for n in ("x", "y"):
+        model.add_adapter(fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), adapter_name=n)
+    randomize_adapters(model, seed=3)
+    model.set_adapter("x")
+    model.eval()
+    started, times = threading.Event(), {}
+
+    class Slow(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            started.set()
+            threading.Event().wait(0.05)
+            return scores
+
+    def gen():
+        ids = inputs(batch=1, seq=3)["input_ids"]
+        model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([Slow()]))
+        times["generate_done"] = time.monotonic()
+
+    t = threading.Thread(target=gen)
+    t.start()
+    assert started.wait(60)
+    model.set_adapter("y")  # waits for the generation in progress
+    times["switched"] = time.monotonic()
+    t.join(60)
+    assert times["switched"] >= times["generate_done"]
+
+
+def test_two_threads_changing_adapters_from_inside_their_forwards_get_an_error_not_a_deadlock():
+    from fastpeft._locks import RWLock
+
+    lock = RWLock()
+    both_reading, outcome = threading.Barrier(2), []
+
+    def worker():
+        with lock.reading():
+            both_reading.wait()
+            try:
+                with lock.writing():
+                    outcome.append("changed")
+            except RuntimeError as e:
+                outcome.append(str(e))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert sorted(o == "changed" for o in outcome) == [False, True]

@@ -11,6 +11,7 @@ graphs stay valid across loads and evictions (slots are written in place).
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 
 import torch
@@ -31,6 +32,18 @@ class OffloadBank(AdapterBank):
         self.lru: OrderedDict[str, int] = OrderedDict()
         self.loads = 0
         self.evictions = 0
+        # a load evicts what another call may be reading: one call (and one slot refresh) at a
+        # time per layer, so each call keeps its adapters resident while its operator runs
+        self.call_lock = threading.RLock()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("call_lock", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.call_lock = threading.RLock()
 
     @classmethod
     def replacing(cls, bank: AdapterBank, capacity: int, device: torch.device) -> OffloadBank:
@@ -77,6 +90,10 @@ class OffloadBank(AdapterBank):
 
     # ----- the slot refreshes make the named adapters resident first ---------------------------
     def refresh(self, layer) -> None:
+        with self.call_lock:
+            self._refresh(layer)
+
+    def _refresh(self, layer) -> None:
         src = layer._mixed_names if layer._mixed_names is not None else layer._active
         to_copy = self._assign([n for n in dict.fromkeys(src) if layer._entry_ready(n)])
         if to_copy and not self.stale and self.a is not None:  # else the next pack copies every resident one
@@ -86,12 +103,13 @@ class OffloadBank(AdapterBank):
         super().refresh(layer)
 
     def prepare_call(self, layer, sel) -> None:
-        """Make the adapters of a call's own mixed batch resident (the slots it reads then hold
-        them). Not safe against a concurrent call of the same layer with other adapters: an
-        offloaded model serves one mixed batch at a time (docs/many-adapters.md)."""
-        if all(n in self.lru or not layer._entry_ready(n) for n in sel.names):
+        """Make the adapters of a call resident (its mixed batch ``sel``, else the active ones):
+        the slots it reads then hold them. The layer calls it holding :attr:`call_lock`, which
+        it keeps until its operator returned."""
+        names = layer._active if sel is None else sel.names
+        if all(n in self.lru or not layer._entry_ready(n) for n in names):
             return
-        to_copy = self._assign([n for n in dict.fromkeys(sel.names) if layer._entry_ready(n)])
+        to_copy = self._assign([n for n in dict.fromkeys(names) if layer._entry_ready(n)])
         if to_copy and not self.stale and self.a is not None:
             with torch.no_grad():
                 for n, slot in to_copy:

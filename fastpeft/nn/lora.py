@@ -245,6 +245,14 @@ class LoraLinear(LinearLayerBase):
 
     # ----- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        lock = self.bank.call_lock
+        if lock is None or _is_compiling():
+            return self._forward_call(x, *args, **kwargs)
+        with lock:  # an offloading bank: no other call evicts this call's adapters meanwhile
+            self.bank.prepare_call(self, _selection.current(self))
+            return self._forward_call(x, *args, **kwargs)
+
+    def _forward_call(self, x: Tensor, *args, **kwargs) -> Tensor:
         # Eager fast path: the bank's plan (the operator's arguments and what must still hold
         # for them) built by the last fused forward and dropped by every state change
         # (set_adapter, enable/disable, mixed_batch, add/delete, merge, .to(), train/eval,

@@ -73,6 +73,8 @@ class SlotTable:
     slots as pages (None while unpaged or stale).
     """
 
+    call_lock = None  # a bank whose slots a call can lose to another (offloading) holds calls one at a time
+
     def __init__(self) -> None:
         self.names: list[str] = []  # the layer's adapters in slot order (not a mixed batch's names)
         self.owner = "layer"  # the layer's class name, for error messages
