@@ -105,6 +105,13 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
                 f"cannot add a {method} adapter next to {_method(other)} adapter {other_name!r}: "
                 f"one model holds adapters of one method"
             )
+    init = getattr(config, "init_lora_weights", True)
+    if method == "lora" and isinstance(init, str) and init.lower() != "gaussian" and weights is None:
+        raise ValueError(
+            f"init_lora_weights={init!r}: fastpeft does not implement this initialization for a new adapter "
+            "(PEFT's needs data or its own initializer); create the adapter with True, False or 'gaussian', or "
+            "load an adapter trained with it (its saved weights replace the initialization)"
+        )
     config = targeting.prepare_config(config, model)
     paths = targeting.find_target_modules(model, config)
     # map 'x.base_layer' (the base inside an existing adapter layer) to the layer itself
@@ -124,7 +131,7 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
                 setattr(parent, child, layer)
                 created.append((parent, child, module))
                 module = layer
-            _add_to_layer(module, method, adapter_name, path, config, autocast_adapter_dtype)
+            _add_to_layer(module, method, adapter_name, path, config, autocast_adapter_dtype, loading=weights is not None)
         for path in save_paths:
             module = model.get_submodule(path)
             if not isinstance(module, ModulesToSaveWrapper):
@@ -181,7 +188,9 @@ def _new_layer(method: str, module: nn.Module, path: str, config) -> AdapterLaye
     return _LAYER_FOR[method](module)
 
 
-def _add_to_layer(layer, method, adapter_name, path, config, autocast):
+def _add_to_layer(layer, method, adapter_name, path, config, autocast, loading: bool = False):
+    """Add the adapter to one layer. ``loading``: its weights come next, so an initialization that
+    only sets the starting A and B (eva, orthogonal, ...: refused for new adapters) is moot."""
     dtype = _adapter_dtype(layer.base_layer, autocast)
     if method == "ia3":
         layer.add_adapter(adapter_name, init_ia3_weights=config.init_ia3_weights, dtype=dtype)
@@ -203,7 +212,8 @@ def _add_to_layer(layer, method, adapter_name, path, config, autocast):
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
         lora_bias=getattr(config, "lora_bias", False),
-        init_lora_weights=config.init_lora_weights,
+        init_lora_weights=True if loading and isinstance(config.init_lora_weights, str)
+        and config.init_lora_weights.lower() != "gaussian" else config.init_lora_weights,
         dtype=dtype,
     )
 

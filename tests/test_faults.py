@@ -142,3 +142,24 @@ def test_from_pretrained_interrupted_leaves_the_base_model(saved, monkeypatch):
     _assert_same(before, _state(model))
     fm = fastpeft.PeftModel.from_pretrained(model, folder)
     assert not any(p.requires_grad for n, p in fm.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "eva", "lora_ga", "mica"])
+def test_an_initialization_fastpeft_lacks_is_refused_for_a_new_adapter(saved, init):
+    pristine, inputs, folder = saved
+    model = fresh_copy(pristine)
+    before = _state(model)
+    with pytest.raises(ValueError, match=f"init_lora_weights='{init}'"):
+        fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=init))
+    _assert_same(before, _state(model))
+
+
+def test_an_adapter_trained_with_orthogonal_init_loads_with_peft_outputs(tmp_path):
+    base, inputs = tiny("llama")
+    pm = peft.get_peft_model(fresh_copy(base), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                               init_lora_weights="orthogonal"))
+    pm.eval()
+    pm.save_pretrained(str(tmp_path))
+    kw = inputs()
+    fm = fastpeft.PeftModel.from_pretrained(fresh_copy(base), str(tmp_path))
+    torch.testing.assert_close(logits(fm, kw), logits(pm, kw), atol=1e-5, rtol=1e-5)

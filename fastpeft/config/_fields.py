@@ -107,8 +107,8 @@ LORA_FIELDS: dict[str, Field] = {
     "modules_to_save": Field(IMPLEMENTED, "trainable copies, saved in the file"),
     "init_lora_weights": Field(
         IMPLEMENTED, "True, False, 'gaussian'. 'eva', 'orthogonal', 'mica', 'lora_ga' leave the base weights alone "
-        "and their trained adapters are plain LoRA, so they load as in PEFT (a fresh fastpeft adapter gets PEFT's "
-        "default init, with a warning). 'pissa*', 'olora', 'corda', 'loftq' are refused: PEFT rewrites the base "
+        "and their trained adapters are plain LoRA, so they load as in PEFT (a new fastpeft adapter with one raises: "
+        "fastpeft.tuner.inject). 'pissa*', 'olora', 'corda', 'loftq' are refused: PEFT rewrites the base "
         "weights, also when loading", check=_check_lora_init),
     "layers_to_transform": Field(IMPLEMENTED, "PEFT's layer-index filter"),
     "layers_pattern": Field(IMPLEMENTED, "PEFT's layer-index filter"),

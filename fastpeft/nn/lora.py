@@ -21,7 +21,6 @@ Forward routes (each written once)
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +86,10 @@ class LoraLinear(LinearLayerBase):
         False: random A and B, for tests). ``dtype``: the adapter's dtype (default: base's)."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
+        if not (init_lora_weights is True or init_lora_weights is False
+                or (isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian")):
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} is not implemented by fastpeft's layers; "
+                             f"use True, False or 'gaussian' (a loaded adapter's weights replace the initialization)")
         self._register(name)
         w = self.base_layer.weight
         device = w.device
@@ -118,16 +121,9 @@ class LoraLinear(LinearLayerBase):
         with torch.no_grad():
             if init is False:
                 return  # nn.Linear's default init for both: a non-zero delta (PEFT does the same)
-            if isinstance(init, str) and init.lower() == "gaussian":
+            if isinstance(init, str):  # "gaussian" (add_adapter refused the others)
                 nn.init.normal_(A.weight, std=1 / self.r[name])
             else:
-                if init not in (True,) and not isinstance(init, str):
-                    raise ValueError(f"init_lora_weights={init!r} is not supported")
-                if isinstance(init, str):
-                    warnings.warn(
-                        f"init_lora_weights={init!r} is not implemented by fastpeft; using PEFT's "
-                        f"default (kaiming A, zero B). Adapters trained with it load normally.", stacklevel=2
-                    )
                 nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
             nn.init.zeros_(B.weight)
             if B.bias is not None:
