@@ -161,7 +161,9 @@ class AdapterLayer(nn.Module):
         return self._forward(x, *args, **kwargs)
 
     def _forward(self, x: Tensor, *args, **kwargs):
-        raise NotImplementedError
+        """The layer kind's forward (abstract: every kind in fastpeft.nn defines it, or its own
+        ``forward`` as ModulesToSaveWrapper does). A subclass without one cannot run."""
+        raise NotImplementedError(f"{type(self).__name__} is an AdapterLayer without a _forward(x, *args, **kwargs)")
 
     def _adapters_to_run(self, container) -> list | None:
         """The adapters (of those in ``container``) this forward applies, in order, or None when

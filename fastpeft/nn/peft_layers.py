@@ -143,6 +143,16 @@ class _PeftLayerAPI:
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return False
 
+    def _peft_fields(self, **empty) -> None:
+        """PEFT's ``LoraLayer`` attributes that fastpeft's layers do not use but PEFT's code reads:
+        the containers in ``empty`` (name -> factory: e.g. a linear layer's empty
+        ``lora_embedding_A``), the variants, the caches and the layer kwargs."""
+        for name, make in empty.items():
+            setattr(self, name, make())
+        self.lora_variant: dict = {}
+        self._caches: dict = {}
+        self.kwargs: dict = {}
+
     def _adopt_peft_state(self, m: nn.Module) -> None:
         """After the adapters of PEFT layer ``m`` were taken over: its activity as PEFT had it
         (names kept as set, also those this layer does not hold), the disabled flag, the
@@ -186,11 +196,7 @@ class OptimizedLoraLinear(_PeftLayerAPI, LoraLinear):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.lora_embedding_A = nn.ParameterDict()  # PEFT's LoraLayer has them (empty) on linears
-        self.lora_embedding_B = nn.ParameterDict()
-        self.lora_variant: dict = {}
-        self._caches: dict = {}
-        self.kwargs: dict = {}
+        self._peft_fields(lora_embedding_A=nn.ParameterDict, lora_embedding_B=nn.ParameterDict)  # empty on linears
         self.is_target_conv_1d_layer = self.kind == "conv1d"
 
     @classmethod
@@ -239,12 +245,7 @@ class OptimizedAdaLoraLinear(_PeftLayerAPI, AdaLoraLinear):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-        self.use_rslora: dict = {}
-        self.lora_variant: dict = {}
-        self._caches: dict = {}
-        self.kwargs: dict = {}
+        self._peft_fields(lora_embedding_A=nn.ParameterDict, lora_embedding_B=nn.ParameterDict, use_rslora=dict)
 
     @classmethod
     def from_peft(cls, m: nn.Module) -> OptimizedAdaLoraLinear:
@@ -275,14 +276,8 @@ class OptimizedLoraEmbedding(_PeftLayerAPI, LoraEmbedding):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.lora_A = nn.ModuleDict()  # PEFT's LoraLayer has them (empty) on embeddings
-        self.lora_B = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
-        self.use_rslora: dict = {}
-        self.lora_bias: dict = {}
-        self.lora_variant: dict = {}
-        self._caches: dict = {}
-        self.kwargs: dict = {}
+        self._peft_fields(lora_A=nn.ModuleDict, lora_B=nn.ModuleDict, lora_magnitude_vector=nn.ModuleDict,  # empty
+                          use_rslora=dict, lora_bias=dict)
         self.fan_in_fan_out = False
 
     @classmethod

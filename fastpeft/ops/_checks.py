@@ -141,8 +141,8 @@ def adapter_linear(x, weight, bias, lora_a, lora_b, slot_scales, token_slots, do
     [S, R, K], lora_b [S, R, N] (B transposed), slot_scales [S], token_slots [M or 1, J]
     integer, dora_scale [S, N]. Raises ``ValueError``; returns None.
 
-    The hot one (every decode step of every layer that runs the operator): written out, with
-    the helpers called only for what is present.
+    The hot one (every call that does not go through a fast-path plan): the helpers run only
+    for the arguments that are present.
     """
     op = "adapter_linear"
     x_shape = x.shape
@@ -158,14 +158,8 @@ def adapter_linear(x, weight, bias, lora_a, lora_b, slot_scales, token_slots, do
     dev = x.get_device()
     if weight.get_device() != dev:
         _fail(op, f"x is on {x.device} but weight on {weight.device}")
-    if bias is not None and (bias.shape != (N,) or bias.get_device() != dev):
-        _vector(op, "bias", bias, N, "N", x, dev)
-    if input_scale is not None:
-        _ia3_scale(op, "input_scale", input_scale, M, K, "K", x, dev)
-    if output_scale is not None:
-        _ia3_scale(op, "output_scale", output_scale, M, N, "N", x, dev)
-    if lora_a is not None and token_slots is not None:
-        _lora(op, x, dev, M, K, N, lora_a, lora_b, slot_scales, token_slots, dora_scale)
+    _epilogue(op, x, dev, M, K, N, bias, lora_a, lora_b, slot_scales, token_slots, dora_scale, input_scale,
+              output_scale)
 
 
 def adapter_embedding(ids, weight, lora_a, lora_b, slot_scales, token_slots):
