@@ -25,6 +25,14 @@ class AdapterMixin:
                      is_trainable: bool = False, adapter_kwargs: dict | None = None, **kwargs) -> None:
         """Load an adapter from a folder / Hub id, or from ``peft_config`` + ``adapter_state_dict``."""
         adapter_name = adapter_name if adapter_name is not None else "default"
+        if kwargs.pop("hotswap", False):  # Transformers' hotswap=True: new weights for an existing adapter
+            from .hotswap import hotswap_adapter
+
+            if peft_model_id is None:
+                raise ValueError("load_adapter(hotswap=True) needs peft_model_id")
+            hotswap_adapter(self, peft_model_id, adapter_name, revision=revision, token=token,
+                            subfolder=(adapter_kwargs or {}).get("subfolder"))
+            return
         if adapter_name in getattr(self, "peft_config", {}):
             raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
         hub_kw = dict(revision=revision, token=token, subfolder=(adapter_kwargs or {}).get("subfolder"))

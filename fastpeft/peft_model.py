@@ -63,6 +63,13 @@ class AdapterModel(nn.Module):
     def unload(self, progressbar: bool = False) -> nn.Module:
         return tuner.unload(self.model, merge_first=False, progressbar=progressbar)
 
+    def add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs) -> None:
+        """PEFT's ``LoraModel.add_weighted_adapter``: a new adapter combined from existing ones
+        (fastpeft/combine.py has the combination types and their maths)."""
+        from . import combine
+
+        combine.add_weighted_adapter(self.model, adapters, weights, adapter_name, **kwargs)
+
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
@@ -123,9 +130,18 @@ class PeftModel(nn.Module):
         return self.base_model.active_adapter
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     revision: str | None = None, token=None, subfolder: str | None = None, **kwargs):
-        """Load another saved adapter under ``adapter_name`` (not made active)."""
+                     revision: str | None = None, token=None, subfolder: str | None = None,
+                     hotswap: bool = False, **kwargs):
+        """Load another saved adapter under ``adapter_name`` (not made active).
+
+        ``hotswap=True``: replace the weights of the existing adapter ``adapter_name`` in place
+        (fastpeft/hotswap.py)."""
         hub_kw = dict(subfolder=subfolder, revision=revision, token=token)
+        if hotswap:
+            from .hotswap import hotswap_adapter
+
+            hotswap_adapter(self, model_id, adapter_name, **hub_kw, **kwargs)
+            return self
         config = PeftConfig.from_pretrained(model_id, **hub_kw)
         weights = checkpoint.load_adapter_weights(model_id, **hub_kw)
         config.inference_mode = not is_trainable
@@ -166,6 +182,10 @@ class PeftModel(nn.Module):
     # ----- merging -----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names=None) -> None:
         self.base_model.merge_adapter(adapter_names)
+
+    def add_weighted_adapter(self, adapters, weights, adapter_name, **kwargs) -> None:
+        """A new adapter combined from existing ones, as PEFT's (reached there through the tuner)."""
+        self.base_model.add_weighted_adapter(adapters, weights, adapter_name, **kwargs)
 
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
