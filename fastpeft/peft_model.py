@@ -24,7 +24,22 @@ class AdapterModel(nn.Module):
         return tuner._configs(self.model)
 
     def forward(self, *args, **kwargs):
-        return reading(self.model, self.model, *args, **kwargs)
+        return reading(self.model, self._forward, args, kwargs)
+
+    def _forward(self, args, kwargs):
+        outputs = self.model(*args, **kwargs)
+        if any(tuner._method(c) == "adalora" for c in self.peft_config.values()):
+            from . import adalora_train  # AdaLoRA's orthogonal regularisation joins the loss, as PEFT's AdaLoraModel
+
+            outputs = adalora_train.add_orthogonal_regularization(self.model, outputs)
+        return outputs
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """AdaLoRA's rank allocation step (PEFT's ``AdaLoraModel.update_and_allocate``): call it
+        after ``loss.backward()`` and before ``optimizer.zero_grad()``; fastpeft/adalora_train.py."""
+        from . import adalora_train
+
+        adalora_train.update_and_allocate(self.model, global_step)
 
     # PEFT's tuner-level API (LoraModel & co.): ``model.base_model.set_adapter([...])`` is how
     # PEFT users activate several adapters at once
@@ -90,6 +105,7 @@ class PeftModel(nn.Module):
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, _weights=None):
         super().__init__()
         self.base_model = AdapterModel(model)
+        self._task_type = getattr(peft_config, "task_type", None)  # PEFT picks PeftModelFor<Task> by it
         self._autocast = autocast_adapter_dtype
         # PEFT's PeftModelFor<Task> classes add the task head to modules_to_save
         peft_config = targeting.with_task_defaults(peft_config)
@@ -224,10 +240,13 @@ class PeftModel(nn.Module):
 
     def _forward(self, args, adapter_names, kwargs):
         model = self.base_model.model
+        # PEFT's PeftModelFor<Task> (a task_type was given) calls its tuner, which adds AdaLoRA's
+        # regularisation to the loss; a plain PeftModel calls the base model directly
+        run = self.base_model._forward if self._task_type is not None else (lambda a, kw: model(*a, **kw))
         if adapter_names is None:
-            return model(*args, **kwargs)
+            return run(args, kwargs)
         with tuner.mixed_batch(model, adapter_names, repeat=False):  # one name per row, as in PEFT
-            return model(*args, **kwargs)
+            return run(args, kwargs)
 
     def generate(self, *args, adapter_names=None, **kwargs):
         return reading(self.base_model.model, self._generate, args, adapter_names, kwargs)
