@@ -10,6 +10,7 @@ from . import ops  # noqa: F401  (defines torch.ops.fastpeft.* and loads the bac
 from ._version import __version__ as __version__  # one source, read by pyproject.toml too
 from .api import inject_adapter_in_model, load_adapters
 from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, PeftType, TaskType
+from .integrations import transformers_trainer as _trainer  # noqa: E402
 from .mixin import AdapterMixin, mixed_batch, with_adapters
 from .ops import BackendUnavailableError, available_backends, get_backend, set_backend
 
@@ -18,6 +19,8 @@ from .ops import BackendUnavailableError, available_backends, get_backend, set_b
 from .optimize import optimize  # noqa: E402
 from .peft_model import PeftModel, get_peft_model
 from .quantize import quantize  # noqa: E402
+
+_trainer.register()  # transformers.Trainer treats fastpeft.PeftModel as a PEFT model (see the module)
 
 __all__ = [
     "AdaLoraConfig",
@@ -48,6 +51,10 @@ def __getattr__(name):
         import importlib
 
         return importlib.import_module(".nn", __name__)
+    if name in ("hotswap_adapter", "prepare_model_for_compiled_hotswap", "hotswap_adapter_from_state_dict"):
+        from . import hotswap
+
+        return getattr(hotswap, name)
     if name.startswith("AutoPeftModel"):
         from . import auto
 

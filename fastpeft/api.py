@@ -8,7 +8,7 @@ from torch import nn
 
 from . import tuner
 from ._progress import progress
-from .config import PeftConfig
+from .config import PeftConfig, as_fastpeft_config
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -16,7 +16,7 @@ CONFIG_NAME = "adapter_config.json"
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
                             low_cpu_mem_usage: bool = False, **kwargs) -> nn.Module:
     """Add the adapter layers of ``peft_config`` to ``model`` in place and return ``model``."""
-    tuner.inject(model, peft_config, adapter_name)
+    tuner.inject(model, as_fastpeft_config(peft_config), adapter_name)  # a peft.LoraConfig & co. too
     return model
 
 

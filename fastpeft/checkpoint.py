@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from .config import CONFIG_NAME, AdaLoraConfig, PeftConfig, peft_type_name
+from .config._base import ordinary_permissions
 from .hub import AdapterFormatError, AdapterNotFoundError, resolve_file
 
 __all__ = [
@@ -134,12 +135,13 @@ def save_adapter_weights(
     from safetensors.torch import save_file
 
     os.makedirs(save_directory, exist_ok=True)
-    tensors = _independent_tensors(state_dict)
+    tensors = independent_tensors(state_dict)
     path = os.path.join(save_directory, SAFETENSORS_WEIGHTS_NAME)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=save_directory)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata or {"format": "pt"})
+        ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -148,7 +150,7 @@ def save_adapter_weights(
     return path
 
 
-def _independent_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def independent_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     users: dict[tuple, int] = {}
     for tensor in state_dict.values():
         if not isinstance(tensor, torch.Tensor):

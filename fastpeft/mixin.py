@@ -11,9 +11,9 @@ import functools
 
 from torch import nn
 
-from . import checkpoint, tuner
+from . import checkpoint, saving, tuner
 from ._locks import model_lock, reading
-from .config import PeftConfig
+from .config import PeftConfig, as_fastpeft_config
 
 
 class AdapterMixin:
@@ -30,8 +30,11 @@ class AdapterMixin:
 
             if peft_model_id is None:
                 raise ValueError("load_adapter(hotswap=True) needs peft_model_id")
+            if is_trainable:
+                raise NotImplementedError("load_adapter(hotswap=True, is_trainable=True): a hot-swapped adapter "
+                                          "keeps its trainability; swap it, then set requires_grad yourself")
             hotswap_adapter(self, peft_model_id, adapter_name, revision=revision, token=token,
-                            subfolder=(adapter_kwargs or {}).get("subfolder"))
+                            **(adapter_kwargs or {}))
             return
         if adapter_name in getattr(self, "peft_config", {}):
             raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
@@ -40,6 +43,8 @@ class AdapterMixin:
             raise ValueError("load_adapter needs peft_model_id, or both peft_config and adapter_state_dict")
         if peft_config is None:
             peft_config = PeftConfig.from_pretrained(peft_model_id, **hub_kw)
+        else:
+            peft_config = as_fastpeft_config(peft_config)  # a peft.LoraConfig & co. too
         if adapter_state_dict is None:
             adapter_state_dict = checkpoint.load_adapter_weights(peft_model_id, **hub_kw)
         peft_config.inference_mode = not is_trainable
@@ -55,6 +60,7 @@ class AdapterMixin:
     def add_adapter(self, adapter_config: PeftConfig, adapter_name: str | None = None) -> None:
         """Add a fresh adapter for training and make it the active one (as Transformers)."""
         adapter_name = adapter_name or "default"
+        adapter_config = as_fastpeft_config(adapter_config)  # a peft.LoraConfig & co. too
         with model_lock(self).writing():  # added and made active in one step for other threads
             tuner.inject(self, adapter_config, adapter_name)
             tuner.set_adapter(self, adapter_name)
@@ -80,10 +86,53 @@ class AdapterMixin:
         self._require_adapters()
         return tuner.active_adapters(self)
 
-    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict:
+    def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None) -> dict:
+        """Adapter ``adapter_name`` (default: the first active one) in file format, keys relative to
+        the model and without the adapter name (Transformers' ``save_pretrained`` adds the
+        ``base_model.model.`` prefix). ``state_dict``: the model's state dict to read it from
+        (Transformers passes it; default: the live model's)."""
         self._require_adapters()
         adapter_name = adapter_name or self.active_adapters()[0]
-        return tuner.adapter_state_dict(self, adapter_name)
+        if state_dict is None:
+            return tuner.adapter_state_dict(self, adapter_name)
+        tuner._check_names(self, [adapter_name], "get_adapter_state_dict")
+        return checkpoint.get_adapter_state_dict(state_dict, adapter_name, self.peft_config[adapter_name])
+
+    def save_pretrained(self, save_directory: str, *args, **kwargs):
+        """On a Transformers model: Transformers' ``save_pretrained`` (with adapters it writes the
+        active adapter's files only). On any other module: the active adapter as PEFT files
+        (``adapter_config.json``, ``adapter_model.safetensors``, ``.bin`` with
+        ``safe_serialization=False``) in ``save_directory``, as Transformers does."""
+        parent = getattr(super(), "save_pretrained", None)
+        if parent is not None:
+            return parent(save_directory, *args, **kwargs)
+        safe = kwargs.pop("safe_serialization", True)
+        if args or kwargs:
+            raise TypeError(f"save_pretrained() takes save_directory and safe_serialization here; got "
+                            f"{len(args)} more positional and {sorted(kwargs)}")
+        self._require_adapters()
+        active = self.active_adapters()
+        if len(active) != 1:
+            raise ValueError(f"save_pretrained saves the one active adapter, as Transformers; {active} are active: "
+                             "set_adapter(name) first")
+        config, auto_mapping = saving.config_to_save(self.peft_config[active[0]], self, active[0])
+        sd = saving.adapter_file_state_dict(self, active[0], self.peft_config[active[0]])
+        saving.write_adapter_folder(save_directory, sd, config, safe, auto_mapping)
+
+    def push_to_hub(self, repo_id: str, *args, **kwargs):
+        """On a Transformers model: Transformers' ``push_to_hub`` (the files of its
+        ``save_pretrained``: the active adapter's). On any other module: the folder
+        :meth:`save_pretrained` writes, in one commit (``commit_message``, ``private``, ``token``,
+        ``revision``, ``create_pr``, ``commit_description``, ``tags`` as Transformers')."""
+        parent = getattr(super(), "push_to_hub", None)
+        if parent is not None:
+            return parent(repo_id, *args, **kwargs)
+        if args:
+            raise TypeError("push_to_hub() takes repo_id and keyword arguments")
+        safe = kwargs.pop("safe_serialization", True)
+        kwargs.pop("max_shard_size", None)  # adapter files are not sharded
+        return saving.push_folder_to_hub(lambda folder: self.save_pretrained(folder, safe_serialization=safe),
+                                         repo_id, **kwargs)
 
     def delete_adapter(self, adapter_names) -> None:
         self._require_adapters()

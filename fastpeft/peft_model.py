@@ -6,9 +6,9 @@ import os
 
 from torch import nn
 
-from . import checkpoint, targeting, tuner
+from . import checkpoint, saving, targeting, tuner
 from ._locks import reading
-from .config import PeftConfig
+from .config import PeftConfig, as_fastpeft_config
 
 
 class AdapterModel(nn.Module):
@@ -33,6 +33,19 @@ class AdapterModel(nn.Module):
 
             outputs = adalora_train.add_orthogonal_regularization(self.model, outputs)
         return outputs
+
+    @property
+    def rankallocator(self):
+        """AdaLoRA's rank allocator (PEFT's ``AdaLoraModel.rankallocator``), made on first use."""
+        from . import adalora_train
+
+        return adalora_train.rank_allocator(self.model)
+
+    def resize_modules_by_rank_pattern(self, rank_pattern: dict, adapter_name: str) -> None:
+        """Shrink AdaLoRA layers to the ranks ``rank_pattern`` keeps (PEFT's method of that name)."""
+        from . import adalora_train
+
+        adalora_train.resize_modules_by_rank_pattern(self.model, rank_pattern, adapter_name)
 
     def update_and_allocate(self, global_step: int) -> None:
         """AdaLoRA's rank allocation step (PEFT's ``AdaLoraModel.update_and_allocate``): call it
@@ -104,6 +117,7 @@ class PeftModel(nn.Module):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False, _weights=None):
         super().__init__()
+        peft_config = as_fastpeft_config(peft_config)  # a peft.LoraConfig & co. too
         self.base_model = AdapterModel(model)
         self._task_type = getattr(peft_config, "task_type", None)  # PEFT picks PeftModelFor<Task> by it
         self._autocast = autocast_adapter_dtype
@@ -119,10 +133,15 @@ class PeftModel(nn.Module):
                         is_trainable: bool = False, config: PeftConfig | None = None,
                         revision: str | None = None, token=None, subfolder: str | None = None,
                         autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
-        """Load a saved adapter (PEFT format) from a folder or Hub repo id onto ``model``."""
-        hub_kw = dict(subfolder=subfolder, revision=revision, token=token)
-        if config is None:
-            config = PeftConfig.from_pretrained(model_id, **hub_kw)
+        """Load a saved adapter (PEFT format) from a folder or Hub repo id onto ``model``.
+
+        Keyword arguments as PEFT's: ``cache_dir`` / ``local_files_only`` go to the Hub;
+        ``low_cpu_mem_usage`` and ``torch_device`` change nothing in what is computed (the
+        weights are copied into the layers on their device); options fastpeft does not
+        implement (``ephemeral_gpu_offload=True``, ``key_mapping``, ``ignore_mismatched_sizes``,
+        accelerate placement arguments) raise, and so does any unknown keyword."""
+        hub_kw = dict(subfolder=subfolder, revision=revision, token=token, **_load_kwargs(kwargs, "from_pretrained"))
+        config = PeftConfig.from_pretrained(model_id, **hub_kw) if config is None else as_fastpeft_config(config)
         weights = checkpoint.load_adapter_weights(model_id, **hub_kw)
         config.inference_mode = not is_trainable
         peft_model = cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -136,6 +155,11 @@ class PeftModel(nn.Module):
     def peft_config(self) -> dict:
         return self.base_model.peft_config
 
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the active adapter (PEFT's property; peft's own ``hotswap_adapter`` reads it)."""
+        return self.peft_config[self.active_adapters[0]]
+
     # the adapter-management calls are the tuner's (AdapterModel above), as in PEFT
     @property
     def active_adapters(self) -> list[str]:
@@ -147,29 +171,39 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      revision: str | None = None, token=None, subfolder: str | None = None,
-                     hotswap: bool = False, **kwargs):
-        """Load another saved adapter under ``adapter_name`` (not made active).
+                     hotswap: bool = False, autocast_adapter_dtype: bool = True, **kwargs):
+        """Load a saved adapter under ``adapter_name`` (not made active), as PEFT's.
 
-        ``hotswap=True``: replace the weights of the existing adapter ``adapter_name`` in place
-        (fastpeft/hotswap.py)."""
-        hub_kw = dict(subfolder=subfolder, revision=revision, token=token)
+        A name the model already has gets the file's weights in place (PEFT's behaviour, which
+        ``Trainer(resume_from_checkpoint=...)`` relies on); its config and trainability stay.
+        ``hotswap=True``: replace the weights of the existing adapter ``adapter_name`` in place,
+        rank and scaling included (fastpeft/hotswap.py). Keyword arguments as
+        :meth:`from_pretrained`."""
+        hub_kw = dict(subfolder=subfolder, revision=revision, token=token, **_load_kwargs(kwargs, "load_adapter"))
         if hotswap:
             from .hotswap import hotswap_adapter
 
-            hotswap_adapter(self, model_id, adapter_name, **hub_kw, **kwargs)
+            if is_trainable:
+                raise NotImplementedError("load_adapter(hotswap=True, is_trainable=True): a hot-swapped adapter "
+                                          "keeps its trainability; swap it, then set requires_grad yourself")
+
+            hotswap_adapter(self, model_id, adapter_name, **hub_kw)
+            return self
+        weights = checkpoint.load_adapter_weights(model_id, **hub_kw)
+        if adapter_name in self.peft_config:
+            tuner.load_weights(self.base_model.model, weights, adapter_name, self.peft_config[adapter_name])
             return self
         config = PeftConfig.from_pretrained(model_id, **hub_kw)
-        weights = checkpoint.load_adapter_weights(model_id, **hub_kw)
         config.inference_mode = not is_trainable
         config = targeting.with_task_defaults(config)
         finish = None if is_trainable else (lambda: self._freeze_adapters(adapter_name))
-        tuner.inject(self.base_model.model, config, adapter_name, autocast_adapter_dtype=self._autocast, weights=weights,
-                     finish=finish)
+        tuner.inject(self.base_model.model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                     weights=weights, finish=finish)
         return self
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a fresh adapter (not made active; use :meth:`set_adapter`)."""
-        peft_config = targeting.with_task_defaults(peft_config)
+        peft_config = targeting.with_task_defaults(as_fastpeft_config(peft_config))
         tuner.inject(self.base_model.model, peft_config, adapter_name, autocast_adapter_dtype=self._autocast)
 
     def set_adapter(self, adapter_name) -> None:
@@ -215,10 +249,27 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
 
-    # ----- saving ------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str, selected_adapters=None, **kwargs) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter, as PEFT:
-        the default adapter in ``save_directory``, others in ``save_directory/<name>``."""
+    # ----- saving and sharing ----------------------------------------------------------------
+    def save_pretrained(self, save_directory: str, safe_serialization: bool = True, selected_adapters=None,
+                        save_embedding_layers: bool | str = "auto", is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion: str | None = None, **kwargs) -> None:
+        """Write the adapters as PEFT does (fastpeft/saving.py): ``adapter_config.json`` and
+        ``adapter_model.safetensors`` (``.bin`` with ``safe_serialization=False``) per adapter,
+        ``default`` in ``save_directory`` and every other one in ``save_directory/<name>``, and a
+        ``README.md`` model card. ``state_dict=``: take the weights from this state dict of the
+        whole model (Trainer passes it) instead of the live model. ``is_main_process=False``
+        writes nothing. The live configs keep their ``inference_mode``."""
+        state_dict = kwargs.pop("state_dict", None)
+        kwargs.pop("max_shard_size", None)  # transformers' push_to_hub passes it; PEFT never shards adapter files
+        if kwargs:
+            raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {sorted(kwargs)}")
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError(
+                "save_pretrained(path_initial_model_for_weight_conversion=...) (PiSSA/OLoRA to plain LoRA "
+                "conversion) is not implemented in fastpeft yet; save without it"
+            )
+        if save_embedding_layers not in (True, False, "auto"):
+            raise ValueError(f"save_embedding_layers must be True, False or 'auto', got {save_embedding_layers!r}")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file; give a folder")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -226,13 +277,42 @@ class PeftModel(nn.Module):
         if unknown:
             raise ValueError(f"save_pretrained: unknown adapter(s) {unknown}; the model has {list(self.peft_config)}")
         for name in names:
+            if name != "default":
+                saving.check_adapter_name_is_path_safe(name)
+        if state_dict is not None:
+            state_dict = {k.removeprefix("base_model.model."): v for k, v in state_dict.items()}
+        model = self.base_model.model
+        files = [(name, saving.adapter_file_state_dict(model, name, self.peft_config[name], state_dict,
+                                                       save_embedding_layers)) for name in names]
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        self.create_or_update_model_card(save_directory)
+        for name, sd in files:
+            config, auto_mapping = saving.config_to_save(self.peft_config[name], model, name)
             out = save_directory if name == "default" else os.path.join(save_directory, name)
-            os.makedirs(out, exist_ok=True)
-            sd = checkpoint.add_peft_prefix(tuner.adapter_state_dict(self.base_model.model, name))
-            checkpoint.save_adapter_weights(sd, out)
-            cfg = self.peft_config[name]
-            cfg.inference_mode = True
-            cfg.save_pretrained(out)
+            saving.write_adapter_folder(out, sd, config, safe_serialization, auto_mapping)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Create or update ``<output_dir>/README.md`` with what PEFT's model card holds."""
+        saving.update_model_card(output_dir, self.base_model.model, self.peft_config, self.active_adapters,
+                                 self._task_type)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token=None, revision: str | None = None, create_pr: bool = False,
+                    tags: list[str] | None = None, safe_serialization: bool = True, selected_adapters=None,
+                    max_shard_size=None) -> str:
+        """Upload the adapter folder that :meth:`save_pretrained` writes (adapter configs,
+        weights and model card; not the base model) to the Hub repo ``repo_id`` in one commit,
+        creating the repo when missing. Returns the commit (or pull request) URL."""
+        del max_shard_size  # accepted as PEFT (through transformers' PushToHubMixin); adapter files are not sharded
+
+        def save(folder):
+            self.save_pretrained(folder, safe_serialization=safe_serialization, selected_adapters=selected_adapters)
+
+        return saving.push_folder_to_hub(save, repo_id, commit_message=commit_message,
+                                         commit_description=commit_description, private=private, token=token,
+                                         revision=revision, create_pr=create_pr, tags=tags)
 
     # ----- running -------------------------------------------------------------------------------
     def forward(self, *args, adapter_names=None, **kwargs):
@@ -281,3 +361,26 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
                    autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
     """Wrap ``model`` with a fresh adapter (PEFT's ``get_peft_model``)."""
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+# ``from_pretrained`` / ``load_adapter`` keywords: Hub ones pass on; these change nothing that is
+# computed (the weights are copied into the layers, on their device); the rest are refused
+_HUB_LOAD_KWARGS = ("cache_dir", "local_files_only")
+_NO_EFFECT_KWARGS = ("low_cpu_mem_usage", "torch_device")
+_REFUSED_UNLESS_DEFAULT = {"ephemeral_gpu_offload": False, "key_mapping": None, "ignore_mismatched_sizes": False,
+                           "device_map": None, "max_memory": None, "offload_folder": None, "offload_dir": None,
+                           "offload_index": None}
+
+
+def _load_kwargs(kwargs: dict, where: str) -> dict:
+    """The Hub keywords of ``kwargs``; raises for an option fastpeft does not implement or an
+    unknown keyword (PEFT forwards unknown ones to the Hub, which rejects them there)."""
+    hub = {k: kwargs.pop(k) for k in _HUB_LOAD_KWARGS if k in kwargs}
+    for k in _NO_EFFECT_KWARGS:
+        kwargs.pop(k, None)
+    for k, default in _REFUSED_UNLESS_DEFAULT.items():
+        if k in kwargs and kwargs.pop(k) != default:
+            raise NotImplementedError(f"{where}({k}=...) is not supported by fastpeft yet")
+    if kwargs:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {sorted(kwargs)}")
+    return hub

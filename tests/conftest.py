@@ -38,3 +38,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """A loopback stand-in for the Hub's HTTP API (tests/fake_hub.py), with huggingface_hub
+    pointed at it and offline mode lifted for the test."""
+    from fake_hub import FakeHub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    hub = FakeHub()
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    if hasattr(_http, "reset_sessions"):
+        _http.reset_sessions()
+    import transformers.utils.hub as tf_hub
+
+    if hasattr(tf_hub, "_hf_api"):  # transformers keeps one HfApi, with the endpoint of its first use
+        monkeypatch.setattr(tf_hub, "_hf_api", None)
+    yield hub
+    hub.close()

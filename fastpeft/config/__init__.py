@@ -20,7 +20,16 @@ fields and the refusal), ``_checks`` (validation and serialisation helpers). Imp
 
 from __future__ import annotations
 
-from ._base import _CONFIG_CLASSES, CONFIG_NAME, PeftConfig, PeftType, TaskType, peft_type_name
+from ._base import (
+    _CONFIG_CLASSES,
+    CONFIG_NAME,
+    PEFT_FORMAT_VERSION,
+    PeftConfig,
+    PeftType,
+    TaskType,
+    as_fastpeft_config,
+    peft_type_name,
+)
 from ._fields import FIELD_TABLES, UnsupportedConfigError
 from ._ia3 import IA3Config
 from ._lora import AdaLoraConfig, LoraConfig
@@ -34,6 +43,8 @@ __all__ = [
     "IA3Config",
     "AdaLoraConfig",
     "peft_type_name",
+    "as_fastpeft_config",
+    "PEFT_FORMAT_VERSION",
     "FIELD_TABLES",
     "UnsupportedConfigError",
 ]

@@ -16,6 +16,9 @@ from ._checks import _check_bool, _json_ready, _plain
 from ._fields import COMMON_FIELDS, UnsupportedConfigError, refuse_unsupported
 
 CONFIG_NAME = "adapter_config.json"
+# The PEFT release whose files fastpeft writes and is tested against (tests/test_config.py checks
+# files both ways with it); saved as ``peft_version``, which PEFT fills with its own version.
+PEFT_FORMAT_VERSION = "0.21.2"
 
 
 class PeftType(str, enum.Enum):
@@ -80,6 +83,8 @@ class PeftConfig:
     _FIELD_TABLE = COMMON_FIELDS
 
     def __post_init__(self) -> None:
+        if self.peft_version is None:  # as PEFT: the version of the file format written
+            self.peft_version = PEFT_FORMAT_VERSION
         self._validate()
         # options fastpeft does not implement raise, after PEFT's own checks (same errors first)
         refuse_unsupported(self)
@@ -137,12 +142,23 @@ class PeftConfig:
         if os.path.isfile(save_directory):
             raise ValueError(f"`save_directory` must be a directory, but '{save_directory}' is a file.")
         os.makedirs(save_directory, exist_ok=True)
-        output = _json_ready(self.to_dict())
-        auto_mapping = kwargs.pop("auto_mapping_dict", None)
-        if auto_mapping is not None:
-            output["auto_mapping"] = auto_mapping
-        text = json.dumps(output, indent=2, sort_keys=True)
+        text = self.to_json_text(kwargs.pop("auto_mapping_dict", None))
         _atomic_write_text(os.path.join(save_directory, CONFIG_NAME), text)
+
+    def to_json_text(self, auto_mapping_dict: dict | None = None) -> str:
+        """The text of ``adapter_config.json`` (sorted keys, sets as sorted lists, as PEFT);
+        ``auto_mapping_dict`` replaces the saved ``auto_mapping``."""
+        output = _json_ready(self.to_dict())
+        if auto_mapping_dict is not None:
+            output["auto_mapping"] = auto_mapping_dict
+        return json.dumps(output, indent=2, sort_keys=True)
+
+    def save_pretrained_to(self, path: str, auto_mapping_dict: dict | None = None) -> None:
+        """Write the config's JSON to the file ``path`` (fastpeft/saving.py stages it there)."""
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(self.to_json_text(auto_mapping_dict))
+            fh.flush()
+            os.fsync(fh.fileno())
 
     @classmethod
     def from_json_file(cls, path_json_file: str) -> dict[str, Any]:
@@ -216,6 +232,23 @@ class PeftConfig:
             raise AdapterFormatError(f"Invalid adapter config '{path}': {exc}") from exc
 
 
+def as_fastpeft_config(config) -> PeftConfig:
+    """``config`` itself when it is a fastpeft config; a PEFT config object (``peft.LoraConfig``,
+    ``IA3Config``, ``AdaLoraConfig``) converted field by field to fastpeft's class of its
+    ``peft_type``, with the same checks as a config read from a file (options fastpeft does not
+    implement raise ``UnsupportedConfigError``). Anything else raises ``TypeError``."""
+    if isinstance(config, PeftConfig):
+        return config
+    to_dict = getattr(config, "to_dict", None)
+    if type(config).__module__.split(".")[0] == "peft" and callable(to_dict) and hasattr(config, "peft_type"):
+        data = {k: v for k, v in to_dict().items() if k not in _RUNTIME_ONLY_KEYS}
+        return PeftConfig.from_dict(data)
+    raise TypeError(
+        f"unsupported config type {type(config).__name__}; expected a LoraConfig, IA3Config or AdaLoraConfig "
+        "(fastpeft's or peft's)"
+    )
+
+
 def _is_concrete(cls) -> bool:
     return cls in _CONFIG_CLASSES.values()
 
@@ -235,6 +268,14 @@ def _config_class(peft_type, fallback):
     return _CONFIG_CLASSES[key]
 
 
+def ordinary_permissions(path: str) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode ``open()`` would have given
+    it: 0666 less the umask (0644 usually), as PEFT's files have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _atomic_write_text(path: str, text: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
@@ -243,6 +284,7 @@ def _atomic_write_text(path: str, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        ordinary_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

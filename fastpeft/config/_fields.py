@@ -17,6 +17,7 @@ Statuses:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -52,31 +53,35 @@ def _unsupported(reason: str, is_set: Callable[[Any], bool] = bool) -> Field:
 
 # PEFT 0.21's LoRA initializations (tuners/lora/layer.py ``update_layer``), by what a fastpeft
 # layer does with them.
-_WEIGHTS_ONLY_INITS = ("eva", "orthogonal", "lora_ga", "mica")  # base untouched; a trained adapter is plain LoRA
-
-
-def _changes_base_weights(value: str) -> bool:
-    # PEFT's own tests: pissa / pissa_niter_<n> / corda by prefix, olora any case, loftq exact
-    return value.startswith(("pissa", "corda")) or value.lower() == "olora" or value == "loftq"
+_COMPUTED_INITS = "'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal'"  # fastpeft.nn.lora_init, also on load
+_WEIGHTS_ONLY_INITS = ("eva", "lora_ga", "mica")  # base untouched; a trained adapter is plain LoRA
+_PISSA_NITER = re.compile(r"pissa_niter_[0-9]+")
 
 
 def _check_lora_init(value) -> str | None:
-    if not isinstance(value, str) or value.lower() == "gaussian":
-        return None  # True, False (the type is checked by LoraConfig)
-    if _changes_base_weights(value):
+    if not isinstance(value, str) or value.lower() in ("gaussian", "olora", "mica") or value == "orthogonal":
+        return None  # True, False (the type is checked by LoraConfig); PEFT compares these in any case but orthogonal
+    if value.startswith("pissa"):  # PEFT's test: by prefix, then "pissa" or "pissa_niter_<n>"
+        if value == "pissa" or _PISSA_NITER.fullmatch(value):
+            return None
+        return (f"`init_lora_weights`={value!r} is not an initialization PEFT 0.21 knows: init_lora_weights should "
+                "be 'pissa' or 'pissa_niter_[number of iters]' (a non-negative integer).")
+    if value.startswith("corda") or value == "loftq":
         plain = ("save the LoftQ-initialised base model and the adapter with init_lora_weights=True, as PEFT's "
                  "LoftQ guide does" if value == "loftq" else "save the trained adapter as plain LoRA with PEFT "
                  "(save_pretrained(..., path_initial_model_for_weight_conversion=...))")
         return (
             f"`init_lora_weights`={value!r} is not supported by fastpeft yet: PEFT rewrites the base layer's "
-            "weights when it creates this adapter (also when it loads a saved one) and fastpeft does not, so the "
-            f"outputs would differ. Either {plain}, or {_PEFT_HINT}."
+            "weights when it creates this adapter (also when it loads a saved one) from data (CorDA) or a "
+            f"quantizer (LoftQ) that fastpeft does not have, so the outputs would differ. Either {plain}, or "
+            f"{_PEFT_HINT}."
         )
-    if value in _WEIGHTS_ONLY_INITS or value.lower() == "mica":
+    if value in _WEIGHTS_ONLY_INITS:
         return None
     return (
-        f"`init_lora_weights`={value!r} is not an initialization PEFT 0.21 knows (PEFT raises when it builds the "
-        "layers); use True, False, 'gaussian', 'eva', 'orthogonal', 'mica' or 'lora_ga'."
+        f"`init_lora_weights`={value!r} is not an initialization PEFT 0.21 knows (PEFT raises \"Unknown "
+        f"initialization\" when it builds the layers); use True, False, 'gaussian', {_COMPUTED_INITS}, 'eva', "
+        "'mica' or 'lora_ga'."
     )
 
 
@@ -106,10 +111,11 @@ LORA_FIELDS: dict[str, Field] = {
     "use_rslora": Field(IMPLEMENTED, "scaling lora_alpha / sqrt(r)"),
     "modules_to_save": Field(IMPLEMENTED, "trainable copies, saved in the file"),
     "init_lora_weights": Field(
-        IMPLEMENTED, "True, False, 'gaussian'. 'eva', 'orthogonal', 'mica', 'lora_ga' leave the base weights alone "
-        "and their trained adapters are plain LoRA, so they load as in PEFT (a new fastpeft adapter with one raises: "
-        "fastpeft.tuner.inject). 'pissa*', 'olora', 'corda', 'loftq' are refused: PEFT rewrites the base "
-        "weights, also when loading", check=_check_lora_init),
+        IMPLEMENTED, "True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' (base weights become the "
+        "residual, also when loading, as in PEFT) and 'orthogonal' (fastpeft.nn.lora_init). 'eva', 'mica', "
+        "'lora_ga' leave the base weights alone and their trained adapters are plain LoRA, so they load as in PEFT "
+        "(a new fastpeft adapter with one raises: fastpeft.tuner.inject). 'corda', 'loftq' are refused: PEFT "
+        "rewrites the base weights from data / a quantizer, also when loading", check=_check_lora_init),
     "layers_to_transform": Field(IMPLEMENTED, "PEFT's layer-index filter"),
     "layers_pattern": Field(IMPLEMENTED, "PEFT's layer-index filter"),
     "rank_pattern": Field(IMPLEMENTED, "per-module r (regex keys, PEFT's get_pattern_key)"),

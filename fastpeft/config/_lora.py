@@ -177,6 +177,13 @@ class LoraConfig(PeftConfig):
                 )
             if self.use_dora:
                 raise ValueError("`lora_bias=True` is not supported for DoRA, please pass use_dora=False.")
+        init = self.init_lora_weights
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and isinstance(init, str) and (
+                init.startswith("pissa") or init in ("olora", "corda", "lora_ga")):  # PEFT's warning, as PEFT tests it
+            warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
+                          "modified base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "
+                          "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial "
+                          "values of the base weights", stacklevel=5)
 
 
 @dataclass

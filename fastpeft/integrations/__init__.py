@@ -1,0 +1,1 @@
+"""How fastpeft plugs into other libraries' engines (``transformers.Trainer``: transformers_trainer.py)."""
