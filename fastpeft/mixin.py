@@ -25,6 +25,7 @@ class AdapterMixin:
                      is_trainable: bool = False, adapter_kwargs: dict | None = None, **kwargs) -> None:
         """Load an adapter from a folder / Hub id, or from ``peft_config`` + ``adapter_state_dict``."""
         adapter_name = adapter_name if adapter_name is not None else "default"
+        hub_kw = _hub_kwargs(revision, token, adapter_kwargs, kwargs, device_map)
         if kwargs.pop("hotswap", False):  # Transformers' hotswap=True: new weights for an existing adapter
             from .hotswap import hotswap_adapter
 
@@ -33,12 +34,12 @@ class AdapterMixin:
             if is_trainable:
                 raise NotImplementedError("load_adapter(hotswap=True, is_trainable=True): a hot-swapped adapter "
                                           "keeps its trainability; swap it, then set requires_grad yourself")
-            hotswap_adapter(self, peft_model_id, adapter_name, revision=revision, token=token,
-                            **(adapter_kwargs or {}))
+            hotswap_adapter(self, peft_model_id, adapter_name, **hub_kw)
             return
+        if kwargs:
+            raise TypeError(f"load_adapter() got unexpected keyword argument(s) {sorted(kwargs)}")
         if adapter_name in getattr(self, "peft_config", {}):
             raise ValueError(f"Adapter with name {adapter_name} already exists. Please use a different name.")
-        hub_kw = dict(revision=revision, token=token, subfolder=(adapter_kwargs or {}).get("subfolder"))
         if peft_model_id is None and (peft_config is None or adapter_state_dict is None):
             raise ValueError("load_adapter needs peft_model_id, or both peft_config and adapter_state_dict")
         if peft_config is None:
@@ -54,7 +55,10 @@ class AdapterMixin:
                     for p in layer._params_of(adapter_name):
                         p.requires_grad_(False)
 
-        tuner.inject(self, peft_config, adapter_name, weights=adapter_state_dict, finish=None if is_trainable else freeze)
+        with model_lock(self).writing():  # loaded and made active in one step for other threads
+            tuner.inject(self, peft_config, adapter_name, weights=adapter_state_dict,
+                         finish=None if is_trainable else freeze)
+            tuner.set_adapter(self, adapter_name)  # Transformers 5 makes the adapter it loads the active one
         self._hf_peft_config_loaded = True
 
     def add_adapter(self, adapter_config: PeftConfig, adapter_name: str | None = None) -> None:
@@ -143,6 +147,27 @@ class AdapterMixin:
                 tuner.delete_adapter(self, n)
         if not self.peft_config:
             self._hf_peft_config_loaded = False
+
+
+# adapter_kwargs / keywords of Transformers' load_adapter that reach the Hub resolution
+_HUB_KEYS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
+
+
+def _hub_kwargs(revision, token, adapter_kwargs, kwargs, device_map) -> dict:
+    """The Hub keywords of a mixin ``load_adapter`` call (``kwargs`` loses the ones used);
+    placement options, which fastpeft does not implement here yet, raise."""
+    if device_map is not None:
+        raise NotImplementedError("load_adapter(device_map=...) is not supported by fastpeft yet; place the "
+                                  "model first (its adapters follow their base layers' devices)")
+    kwargs.pop("low_cpu_mem_usage", None)  # changes nothing that is computed
+    hub = {"revision": revision, "token": token}
+    if "local_files_only" in kwargs:
+        hub["local_files_only"] = kwargs.pop("local_files_only")
+    unknown = sorted(set(adapter_kwargs or {}) - set(_HUB_KEYS))
+    if unknown:
+        raise TypeError(f"load_adapter(adapter_kwargs=...): unsupported key(s) {unknown}; fastpeft takes {_HUB_KEYS}")
+    hub.update(adapter_kwargs or {})
+    return hub
 
 
 _mixin_classes: dict[type, type] = {}

@@ -6,7 +6,8 @@ import os
 
 from torch import nn
 
-from . import checkpoint, saving, targeting, tuner
+from . import _peft_api as peft_api
+from . import checkpoint, saving, status, targeting, tuner
 from ._locks import reading
 from .config import PeftConfig, as_fastpeft_config
 
@@ -98,12 +99,36 @@ class AdapterModel(nn.Module):
 
         combine.add_weighted_adapter(self.model, adapters, weights, adapter_name, **kwargs)
 
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' parameters on or off (modules_to_save copies too)."""
+        tuner.set_requires_grad(self.model, adapter_names, requires_grad)
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of the adapter parameters' names (``lora_`` / ``ia3_``), as PEFT's tuners."""
+        kinds = {tuner._method(c) for c in self.peft_config.values()} or {"lora"}
+        return "ia3_" if kinds == {"ia3"} else "lora_"
+
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict:
+        """The model's config as a dict (PEFT's ``BaseTuner.get_model_config``; ``{"model_type":
+        "custom"}`` for a model without one)."""
+        import dataclasses
+
+        config = getattr(model, "config", None)
+        if config is None:
+            return {"model_type": "custom"}
+        if hasattr(config, "to_dict"):
+            return config.to_dict()
+        return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
             if name == "model":
                 raise
+            peft_api.refuse_unsupported(self, name, "LoraModel")
             return getattr(self.model, name)
 
 
@@ -218,10 +243,12 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         was_enabled = tuner.adapters_enabled(model)
         tuner.enable_adapters(model, False)
+        self._adapters_disabled = True
         try:
             yield
         finally:
             tuner.enable_adapters(model, was_enabled)
+            self._adapters_disabled = False
 
     def _freeze_adapters(self, adapter_name: str) -> None:
         for layer in tuner.adapter_layers(self.base_model.model):
@@ -338,11 +365,53 @@ class PeftModel(nn.Module):
         with tuner.mixed_batch(model, adapter_names):  # a name per prompt row, repeated for beams / sequences
             return model.generate(*args, **kwargs)
 
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """The base model's (PEFT's PeftModelForCausalLM changes it only for prompt learning)."""
+        return self.base_model.model.prepare_inputs_for_generation(*args, **kwargs)
+
     # ----- reporting -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return trainable, total
+        """(trainable, all) parameter counts, as PEFT's (bitsandbytes 4-bit values counted unpacked)."""
+        return status.count_parameters(self)
+
+    def get_layer_status(self) -> list:
+        """PEFT's ``get_layer_status``: one ``TunerLayerStatus`` per adapter layer (fastpeft/status.py)."""
+        return status.get_layer_status(self)
+
+    def get_model_status(self):
+        """PEFT's ``get_model_status``: the model's ``TunerModelStatus`` (fastpeft/status.py)."""
+        return status.get_model_status(self)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters' parameters on or off, as PEFT's; an unknown name raises."""
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The union of the adapters' ``modules_to_save`` (None when there are none), as PEFT's."""
+        found = set()
+        for config in self.peft_config.values():
+            found.update(getattr(config, "modules_to_save", None) or ())
+        return found or None
+
+    @property
+    def base_model_torch_dtype(self):
+        return getattr(self.base_model.model, "dtype", None)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """PEFT's (literal) rule: False only inside ``disable_adapter()`` with adapters active."""
+        return not self._adapters_disabled or not self.active_adapters
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """As PEFT's: make the input embeddings' outputs require grad (so checkpointed blocks get
+        gradients through frozen bases), except on quantized models."""
+        if not any(getattr(model, f, False) for f in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            elif hasattr(model, "get_input_embeddings"):
+                model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+        return model
 
     def print_trainable_parameters(self) -> None:
         t, a = self.get_nb_trainable_parameters()
@@ -352,9 +421,14 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name in ("base_model", "_adapters_disabled"):
+                if name == "_adapters_disabled":
+                    return False
                 raise
-            return getattr(self.base_model.model, name)
+            # as PEFT: PeftModel -> its tuner (AdapterModel: LoraModel's methods) -> the model;
+            # PEFT names fastpeft does not implement raise instead of reaching the model
+            peft_api.refuse_unsupported(self, name, "PeftModel")
+            return getattr(self.base_model, name)
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
