@@ -20,6 +20,7 @@ from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig
 from .nn import AdaLoraLinear, AdapterLayer, IA3Linear, LoraEmbedding, LoraLinear, ModulesToSaveWrapper
 from .nn._base_kinds import base_kind
 from .nn.base import BASE_NAMES
+from .nn.lora_conv import conv_layer_for
 from .nn.selection import Selection, inside, selecting
 
 
@@ -105,13 +106,22 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
                 f"cannot add a {method} adapter next to {_method(other)} adapter {other_name!r}: "
                 f"one model holds adapters of one method"
             )
+    from .nn import lora_init
+
     init = getattr(config, "init_lora_weights", True)
-    if method == "lora" and isinstance(init, str) and init.lower() != "gaussian" and weights is None:
+    if method == "lora" and _init_needs_peft(init) and weights is None:
         raise ValueError(
             f"init_lora_weights={init!r}: fastpeft does not implement this initialization for a new adapter "
-            "(PEFT's needs data or its own initializer); create the adapter with True, False or 'gaussian', or "
-            "load an adapter trained with it (its saved weights replace the initialization)"
+            "(PEFT's needs data, gradients or a quantizer: eva, corda, loftq, lora_ga, mica); create the adapter "
+            "with True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or 'orthogonal', or load an adapter "
+            "trained with it (its saved weights replace the initialization)"
         )
+    if method == "lora" and weights is not None and configs and any(  # PEFT's load_adapter warning
+            lora_init.changes_base(getattr(c, "init_lora_weights", True)) for c in [config, *configs.values()]):
+        warnings.warn("PiSSA / OLoRA change the base weights of the model and should thus not be used with other "
+                      "adapters; consider converting the adapter into a normal LoRA adapter", stacklevel=3)
+    if method == "lora" and lora_init.changes_base(init):
+        finish = lora_init.after_success(model, adapter_name, finish)  # the base copies live until then
     config = targeting.prepare_config(config, model)
     paths = targeting.find_target_modules(model, config)
     # map 'x.base_layer' (the base inside an existing adapter layer) to the layer itself
@@ -177,8 +187,10 @@ def _new_layer(method: str, module: nn.Module, path: str, config) -> AdapterLaye
     if kind == "other":
         raise ValueError(
             f"target module {path!r} is a {type(module).__name__}; fastpeft adapts nn.Linear, "
-            f"transformers Conv1D, nn.Embedding and bitsandbytes Linear4bit/Linear8bitLt"
+            f"transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d and bitsandbytes Linear4bit/Linear8bitLt"
         )
+    if kind == "conv":  # LoRA on Conv1d/2d/3d, AdaLoRA on Conv2d, IA3 on Conv2d/3d (PEFT's coverage)
+        return conv_layer_for(method, module, path, method == "ia3" and targeting.is_feedforward(path, config))
     if method == "lora" and kind == "embedding":
         return LoraEmbedding(module)
     if kind == "embedding":
@@ -197,13 +209,19 @@ def _add_to_layer(layer, method, adapter_name, path, config, autocast, loading: 
         return
     r, alpha = targeting.get_rank_and_alpha(path, config)
     if method == "adalora":
-        ranks = targeting.adalora_ranks(config) if getattr(config, "rank_pattern", None) else {}
-        r = ranks.get(path, config.init_r)
-        if r == 0:
-            return  # every rank pruned: PEFT keeps no adapter weights here
-        layer.add_adapter(adapter_name, r=int(r), lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          init_lora_weights=config.init_lora_weights, dtype=dtype, ranknum=config.init_r)
+        # PEFT builds every layer at init_r and shrinks it to the rank pattern only when saved
+        # weights are loaded (resize_modules_by_rank_pattern); a layer pruned to rank 0 keeps
+        # zero-size tensors and ranknum 0
+        ranks = targeting.adalora_ranks(config) if loading and getattr(config, "rank_pattern", None) else {}
+        r = int(ranks.get(path, config.init_r))
+        layer.add_adapter(adapter_name, r=r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                          init_lora_weights=config.init_lora_weights, dtype=dtype,
+                          ranknum=config.init_r if r > 0 else 0, inference_mode=getattr(config, "inference_mode", False))
         return
+    if isinstance(layer, LoraLinear):  # pissa / olora: checked, and the base weight kept for a rollback
+        from .nn import lora_init
+
+        lora_init.remember_base(layer, adapter_name, config.init_lora_weights, r, getattr(config, "lora_bias", False))
     layer.add_adapter(
         adapter_name,
         r=r,
@@ -212,10 +230,18 @@ def _add_to_layer(layer, method, adapter_name, path, config, autocast, loading: 
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
         lora_bias=getattr(config, "lora_bias", False),
-        init_lora_weights=True if loading and isinstance(config.init_lora_weights, str)
-        and config.init_lora_weights.lower() != "gaussian" else config.init_lora_weights,
+        init_lora_weights=True if loading and _init_needs_peft(config.init_lora_weights) else config.init_lora_weights,
         dtype=dtype,
     )
+
+
+def _init_needs_peft(init) -> bool:
+    """An ``init_lora_weights`` string fastpeft's layers do not compute (eva, corda, loftq, lora_ga,
+    mica: data or a quantizer needed). When loading, the file's weights replace it (True); pissa,
+    olora and orthogonal run as in PEFT, also when loading (PEFT rewrites the base weights then too)."""
+    from .nn import lora_init
+
+    return isinstance(init, str) and init.lower() != "gaussian" and lora_init.parse(init) is None
 
 
 def _base_named_parameters(model: nn.Module):
@@ -457,3 +483,16 @@ def unload(model: nn.Module, merge_first: bool, adapter_names=None, safe_merge: 
         model.peft_config = {}
     model._fastpeft_active = []
     return model
+
+
+@changes
+def set_requires_grad(model: nn.Module, adapter_names, requires_grad: bool = True) -> None:
+    """Set ``requires_grad`` on every parameter of the named adapters (layers and modules_to_save
+    copies), as PEFT's ``set_requires_grad``; names the model lacks raise ValueError first."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    _check_names(model, names, "set_requires_grad")
+    for layer in adapter_layers(model):
+        for name in names:
+            if name in layer.adapter_names:
+                for p in layer._params_of(name):
+                    p.requires_grad_(requires_grad)

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import dora
+from . import dora, lora_init
 from . import selection as _selection
 from ._base_kinds import has_hooks, runs_fused, weight_nk
 from .bank import AdapterBank, Entry
@@ -83,13 +83,19 @@ class LoraLinear(LinearLayerBase):
         dtype: torch.dtype | None = None,
     ) -> None:
         """Add a fresh adapter; ``init_lora_weights`` as in PEFT (True: B = 0; "gaussian";
-        False: random A and B, for tests). ``dtype``: the adapter's dtype (default: base's)."""
+        False: random A and B, for tests; "pissa", "pissa_niter_<n>", "olora" (these replace the
+        base weight by the residual) and "orthogonal": :mod:`fastpeft.nn.lora_init`).
+        ``dtype``: the adapter's dtype (default: base's)."""
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
-        if not (init_lora_weights is True or init_lora_weights is False
-                or (isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian")):
+        method = lora_init.parse(init_lora_weights)
+        if method is None and not (init_lora_weights is True or init_lora_weights is False
+                                   or (isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian")):
             raise ValueError(f"init_lora_weights={init_lora_weights!r} is not implemented by fastpeft's layers; "
-                             f"use True, False or 'gaussian' (a loaded adapter's weights replace the initialization)")
+                             f"use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or 'orthogonal' "
+                             f"(a loaded adapter's weights replace the initialization)")
+        if method is not None:
+            lora_init.check_layer(self, method[0], r, lora_bias)  # before anything changes
         self._register(name)
         w = self.base_layer.weight
         device = w.device
@@ -98,9 +104,14 @@ class LoraLinear(LinearLayerBase):
         K, N = self.in_features, self.out_features
         self._set_config(name, r, lora_alpha, use_rslora, use_dora, lora_bias,
                          nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity())
-        self.lora_A[name] = nn.Linear(K, r, bias=False, device=device, dtype=dtype)
-        self.lora_B[name] = nn.Linear(r, N, bias=lora_bias, device=device, dtype=dtype)
-        self._init_weights(name, init_lora_weights)
+        if method is not None:  # PEFT's modules, init and dtype path; the base may become the residual
+            self.lora_A[name], self.lora_B[name] = lora_init.init_factors(self, *method, r, self.scaling[name], dtype)
+            self.bank.mark_stale()  # new base weight: no plan or DoRA scale of the other adapters survives
+            self.bank.dora = None
+        else:
+            self.lora_A[name] = nn.Linear(K, r, bias=False, device=device, dtype=dtype)
+            self.lora_B[name] = nn.Linear(r, N, bias=lora_bias, device=device, dtype=dtype)
+            self._init_weights(name, init_lora_weights)
         if use_dora:
             with torch.no_grad():
                 norm = dora.dora_norm(self, name, dtype)
@@ -130,6 +141,7 @@ class LoraLinear(LinearLayerBase):
                 nn.init.zeros_(B.bias)
 
     def _remove(self, name: str) -> None:
+        lora_init.restore_base(self, name)  # a rolled-back injection: the base weight before the init
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.lora_bias):
             d.pop(name, None)
         if name in self.lora_dropout:

@@ -46,17 +46,19 @@ class LoraEmbedding(AdapterLayer):
         dtype = dtype or w.dtype
         kw = dict(device=w.device, dtype=dtype)
         self._set_config(name, r, lora_alpha, use_rslora, nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity())
-        A = torch.empty(r, self.num_embeddings, **kw)
-        B = torch.empty(self.embedding_dim, r, **kw)
+        # PEFT's draws, in its order: randn A, randn B (CPU, default dtype), then for any init but
+        # False (also "gaussian", "pissa...", "olora", "orthogonal": PEFT's Embedding has no branch
+        # for them) A = 0 and B normal; then moved to the base's device and dtype
+        A = torch.randn((r, self.num_embeddings))
+        B = torch.randn((self.embedding_dim, r))
         with torch.no_grad():
-            if init_lora_weights is False:
-                nn.init.normal_(A)
-                nn.init.normal_(B)
-            else:
+            if init_lora_weights is not False:
                 nn.init.zeros_(A)
                 nn.init.normal_(B)
-        self.lora_embedding_A[name] = nn.Parameter(A)
-        self.lora_embedding_B[name] = nn.Parameter(B)
+        if w.is_floating_point():
+            A, B = A.to(w.dtype), B.to(w.dtype)
+        self.lora_embedding_A[name] = nn.Parameter(A.to(**kw))
+        self.lora_embedding_B[name] = nn.Parameter(B.to(**kw))
         self.set_adapter(self._active)
 
     def _set_config(self, name, r, lora_alpha, use_rslora, dropout: nn.Module, scaling: float | None = None) -> None:
