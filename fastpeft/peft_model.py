@@ -285,16 +285,15 @@ class PeftModel(nn.Module):
         ``default`` in ``save_directory`` and every other one in ``save_directory/<name>``, and a
         ``README.md`` model card. ``state_dict=``: take the weights from this state dict of the
         whole model (Trainer passes it) instead of the live model. ``is_main_process=False``
-        writes nothing. The live configs keep their ``inference_mode``."""
+        writes nothing. The live configs keep their ``inference_mode``.
+        ``path_initial_model_for_weight_conversion``: the folder where the PiSSA / OLoRA adapter
+        was saved right after its initialization; the adapter is then saved as the plain LoRA
+        adapter (rank 2r) that gives the same outputs on the original base weights, and that
+        folder's config is rewritten with ``init_lora_weights=True``, as PEFT does."""
         state_dict = kwargs.pop("state_dict", None)
         kwargs.pop("max_shard_size", None)  # transformers' push_to_hub passes it; PEFT never shards adapter files
         if kwargs:
             raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {sorted(kwargs)}")
-        if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError(
-                "save_pretrained(path_initial_model_for_weight_conversion=...) (PiSSA/OLoRA to plain LoRA "
-                "conversion) is not implemented in fastpeft yet; save without it"
-            )
         if save_embedding_layers not in (True, False, "auto"):
             raise ValueError(f"save_embedding_layers must be True, False or 'auto', got {save_embedding_layers!r}")
         if os.path.isfile(save_directory):
@@ -317,6 +316,8 @@ class PeftModel(nn.Module):
         self.create_or_update_model_card(save_directory)
         for name, sd in files:
             config, auto_mapping = saving.config_to_save(self.peft_config[name], model, name)
+            if path_initial_model_for_weight_conversion is not None:  # PiSSA / OLoRA -> plain LoRA, as PEFT
+                sd, config = saving.as_plain_lora(sd, config, path_initial_model_for_weight_conversion)
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             saving.write_adapter_folder(out, sd, config, safe_serialization, auto_mapping)
 

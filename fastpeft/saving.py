@@ -154,6 +154,24 @@ def config_to_save(config: PeftConfig, model, adapter_name: str = "default") -> 
     return saved, auto_mapping
 
 
+def as_plain_lora(state_dict: dict, config: PeftConfig, initial_folder: str) -> tuple[dict, PeftConfig]:
+    """The trained PiSSA / OLoRA adapter ``state_dict`` (file keys) as the plain LoRA adapter on
+    the original base weights (fastpeft/init_methods.py), given the folder where the adapter was
+    saved right after its initialization. As PEFT, that folder's config is rewritten with
+    ``init_lora_weights=True`` (its weights are then the plain adapter's second half)."""
+    from . import init_methods
+
+    if peft_type_name(config) != "LORA":
+        raise ValueError("path_initial_model_for_weight_conversion is for LoRA adapters (PiSSA / OLoRA / CorDA)")
+    initial = checkpoint.load_adapter_weights(initial_folder)
+    initial = {k if k.startswith(checkpoint.PEFT_PREFIX) else checkpoint.PEFT_PREFIX + k: v for k, v in initial.items()}
+    converted, plain_config = init_methods.convert_to_plain_lora(state_dict, initial, config)
+    initial_config = copy.copy(config)
+    object.__setattr__(initial_config, "init_lora_weights", True)
+    initial_config.save_pretrained(initial_folder)
+    return converted, plain_config
+
+
 # ----- the model card ---------------------------------------------------------------------------
 def update_model_card(folder: str, model, configs: dict, active: list[str], task_type) -> None:
     """Create or update ``<folder>/README.md`` as PEFT's ``create_or_update_model_card``: card

@@ -364,3 +364,38 @@ def test_load_adapter_under_an_existing_name_loads_its_weights_as_peft(tmp_path)
     other = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=4, target_modules=TARGETS))
     other.load_adapter(str(tmp_path / "a"), "default")  # what Trainer's resume does
     torch.testing.assert_close(logits(other, kw), logits(ref, kw), rtol=0, atol=1e-5)
+
+
+def test_save_pretrained_converts_pissa_to_plain_lora_as_peft(tmp_path):
+    """path_initial_model_for_weight_conversion: the trained PiSSA adapter is saved as the plain
+    LoRA adapter on the original base weights; both libraries write the same files."""
+    from safetensors.torch import load_file
+
+    made = {}
+    for lib in ("peft", "fastpeft"):
+        torch.manual_seed(0)
+        model, inputs = tiny("llama")
+        cfg = (peft.LoraConfig if lib == "peft" else fastpeft.LoraConfig)(r=4, target_modules=TARGETS,
+                                                                          init_lora_weights="pissa")
+        m = (peft.get_peft_model if lib == "peft" else fastpeft.get_peft_model)(model, cfg)
+        m.save_pretrained(tmp_path / lib / "init")
+        with torch.no_grad():  # "training": every adapter weight moves by the same amount in both
+            for n, p in m.named_parameters():
+                if "lora_" in n:
+                    p.add_(0.01 * torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape).cos())
+        m.save_pretrained(tmp_path / lib / "plain", path_initial_model_for_weight_conversion=tmp_path / lib / "init")
+        made[lib] = m
+    kw = inputs()
+    for sub in ("plain", "init"):
+        a = load_file(tmp_path / "fastpeft" / sub / "adapter_model.safetensors")
+        b = load_file(tmp_path / "peft" / sub / "adapter_model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+        ca = json.loads((tmp_path / "fastpeft" / sub / "adapter_config.json").read_text())
+        cb = json.loads((tmp_path / "peft" / sub / "adapter_config.json").read_text())
+        for key in ("r", "lora_alpha", "init_lora_weights", "rank_pattern", "alpha_pattern"):
+            assert ca[key] == cb[key], (sub, key)
+    # the plain adapter on the original (untouched) base gives the trained PiSSA model's outputs
+    plain = peft.PeftModel.from_pretrained(tiny("llama")[0], tmp_path / "fastpeft" / "plain")
+    torch.testing.assert_close(logits(plain, kw), logits(made["fastpeft"], kw), rtol=0, atol=1e-4)
