@@ -1,4 +1,7 @@
-"""What kind of base module an adapter wraps, and how to read its weight as [N, K]."""
+"""What kind of base module an adapter wraps, and how to read its weight as [N, K].
+
+"conv" is a ``torch.nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` (PEFT's isinstance rule, subclasses
+too); transformers' ``Conv1D`` (a linear layer with its weight stored [K, N]) is "conv1d"."""
 from __future__ import annotations
 
 import torch
@@ -7,9 +10,11 @@ from torch import Tensor, nn
 from .._optional import transformers_conv1d
 from ..quant.layers import has_bnb_forward, is_quantized_linear
 
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
 
 def base_kind(module: nn.Module) -> str:
-    """"linear", "conv1d", "embedding", "quant" or "other" for an adaptable base module."""
+    """"linear", "conv1d", "embedding", "conv", "quant" or "other" for an adaptable base module."""
     if is_quantized_linear(module):  # bitsandbytes 4/8-bit and subclasses: quant/layers.py's one rule
         return "quant"
     conv1d = transformers_conv1d()
@@ -19,6 +24,8 @@ def base_kind(module: nn.Module) -> str:
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
+    if isinstance(module, CONV_TYPES):
+        return "conv"
     return "other"
 
 
@@ -28,8 +35,8 @@ _fused_ok: dict[type, bool] = {}
 
 
 def fused_forward_ok(module: nn.Module) -> bool:
-    """True when ``module``'s forward is exactly the plain matmul/lookup the fused ops compute
-    (a subclass with its own forward, e.g. a scaled embedding, runs unfused)."""
+    """True when ``module``'s forward is exactly the plain matmul/lookup/convolution the fused
+    routes compute (a subclass with its own forward, e.g. a scaled embedding, runs unfused)."""
     t = type(module)
     # not the cache while tracing: torch.compile would guard on the whole dict, and a base class
     # seen later (a new entry) would recompile every graph that read it
@@ -38,7 +45,7 @@ def fused_forward_ok(module: nn.Module) -> bool:
         if is_quantized_linear(module):
             ok = has_bnb_forward(module)
         else:  # (a Conv1D instance exists only once transformers is loaded, so caching False is safe)
-            ok = t is nn.Linear or t is nn.Embedding or t is transformers_conv1d()
+            ok = t is nn.Linear or t is nn.Embedding or t in CONV_TYPES or t is transformers_conv1d()
         if not torch.compiler.is_compiling():
             _fused_ok[t] = ok
     return ok
@@ -63,8 +70,11 @@ def runs_fused(module: nn.Module) -> bool:
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
-    """(K, N) = (input features, output features) of a linear-like base, (V, D) of an embedding."""
+    """(K, N) = (input features, output features) of a linear-like base, (V, D) of an embedding,
+    (in channels, out channels) of a convolution."""
     kind = base_kind(module)
+    if kind == "conv":
+        return module.in_channels, module.out_channels
     if kind == "conv1d":
         return module.weight.shape[0], module.weight.shape[1]
     if kind == "embedding":
@@ -73,7 +83,7 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
     raise TypeError(
         f"cannot adapt {type(module).__name__}: expected nn.Linear, transformers Conv1D, "
-        f"nn.Embedding or a bitsandbytes Linear4bit/Linear8bitLt"
+        f"nn.Embedding, nn.Conv1d/2d/3d or a bitsandbytes Linear4bit/Linear8bitLt"
     )
 
 
