@@ -25,7 +25,7 @@ class AdapterMixin:
                      is_trainable: bool = False, adapter_kwargs: dict | None = None, **kwargs) -> None:
         """Load an adapter from a folder / Hub id, or from ``peft_config`` + ``adapter_state_dict``."""
         adapter_name = adapter_name if adapter_name is not None else "default"
-        hub_kw = _hub_kwargs(revision, token, adapter_kwargs, kwargs, device_map)
+        hub_kw = _hub_kwargs(self, revision, token, adapter_kwargs, kwargs, device_map)
         if kwargs.pop("hotswap", False):  # Transformers' hotswap=True: new weights for an existing adapter
             from .hotswap import hotswap_adapter
 
@@ -153,12 +153,14 @@ class AdapterMixin:
 _HUB_KEYS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
 
 
-def _hub_kwargs(revision, token, adapter_kwargs, kwargs, device_map) -> dict:
-    """The Hub keywords of a mixin ``load_adapter`` call (``kwargs`` loses the ones used);
-    placement options, which fastpeft does not implement here yet, raise."""
-    if device_map is not None:
-        raise NotImplementedError("load_adapter(device_map=...) is not supported by fastpeft yet; place the "
-                                  "model first (its adapters follow their base layers' devices)")
+def _hub_kwargs(model, revision, token, adapter_kwargs, kwargs, device_map) -> dict:
+    """The Hub keywords of a mixin ``load_adapter`` call (``kwargs`` loses the ones used).
+    ``device_map``: ``"auto"`` or the model's own ``hf_device_map`` keep its placement (each
+    adapter lives on its base layer's execution device); a new placement raises."""
+    current = getattr(model, "hf_device_map", None)
+    if device_map is not None and not (current is not None and (device_map == "auto" or device_map == current)):
+        raise NotImplementedError("load_adapter(device_map=...): fastpeft does not re-place models; place the "
+                                  "model first (its adapters follow their base layers' execution devices)")
     kwargs.pop("low_cpu_mem_usage", None)  # changes nothing that is computed
     hub = {"revision": revision, "token": token}
     if "local_files_only" in kwargs:

@@ -165,7 +165,8 @@ class PeftModel(nn.Module):
         weights are copied into the layers on their device); options fastpeft does not
         implement (``ephemeral_gpu_offload=True``, ``key_mapping``, ``ignore_mismatched_sizes``,
         accelerate placement arguments) raise, and so does any unknown keyword."""
-        hub_kw = dict(subfolder=subfolder, revision=revision, token=token, **_load_kwargs(kwargs, "from_pretrained"))
+        hub_kw = dict(subfolder=subfolder, revision=revision, token=token,
+                      **_load_kwargs(kwargs, "from_pretrained", model))
         config = PeftConfig.from_pretrained(model_id, **hub_kw) if config is None else as_fastpeft_config(config)
         weights = checkpoint.load_adapter_weights(model_id, **hub_kw)
         config.inference_mode = not is_trainable
@@ -204,7 +205,8 @@ class PeftModel(nn.Module):
         ``hotswap=True``: replace the weights of the existing adapter ``adapter_name`` in place,
         rank and scaling included (fastpeft/hotswap.py). Keyword arguments as
         :meth:`from_pretrained`."""
-        hub_kw = dict(subfolder=subfolder, revision=revision, token=token, **_load_kwargs(kwargs, "load_adapter"))
+        hub_kw = dict(subfolder=subfolder, revision=revision, token=token,
+                      **_load_kwargs(kwargs, "load_adapter", self.base_model.model))
         if hotswap:
             from .hotswap import hotswap_adapter
 
@@ -443,16 +445,27 @@ def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str 
 _HUB_LOAD_KWARGS = ("cache_dir", "local_files_only")
 _NO_EFFECT_KWARGS = ("low_cpu_mem_usage", "torch_device")
 _REFUSED_UNLESS_DEFAULT = {"ephemeral_gpu_offload": False, "key_mapping": None, "ignore_mismatched_sizes": False,
-                           "device_map": None, "max_memory": None, "offload_folder": None, "offload_dir": None,
-                           "offload_index": None}
+                           "max_memory": None, "offload_folder": None, "offload_dir": None, "offload_index": None}
 
 
-def _load_kwargs(kwargs: dict, where: str) -> dict:
+def _load_kwargs(kwargs: dict, where: str, model: nn.Module | None = None) -> dict:
     """The Hub keywords of ``kwargs``; raises for an option fastpeft does not implement or an
-    unknown keyword (PEFT forwards unknown ones to the Hub, which rejects them there)."""
+    unknown keyword (PEFT forwards unknown ones to the Hub, which rejects them there).
+
+    ``device_map``: PEFT re-dispatches an accelerate-placed model with it so the new adapter is
+    placed too. fastpeft's adapters live on their base layer's execution device
+    (``nn._base_kinds.adapter_device``), so the model's placement stays as it is: accepted are
+    ``"auto"`` and the model's own ``hf_device_map``; any other map (a new placement) raises."""
     hub = {k: kwargs.pop(k) for k in _HUB_LOAD_KWARGS if k in kwargs}
     for k in _NO_EFFECT_KWARGS:
         kwargs.pop(k, None)
+    device_map = kwargs.pop("device_map", None)
+    current = getattr(model, "hf_device_map", None)
+    if device_map is not None and not (current is not None and (device_map == "auto" or device_map == current)):
+        raise NotImplementedError(
+            f"{where}(device_map={device_map!r}): fastpeft does not re-place models; place the base model first "
+            "(accelerate / from_pretrained(device_map=...)): each adapter lives on its base layer's execution device"
+        )
     for k, default in _REFUSED_UNLESS_DEFAULT.items():
         if k in kwargs and kwargs.pop(k) != default:
             raise NotImplementedError(f"{where}({k}=...) is not supported by fastpeft yet")

@@ -97,3 +97,22 @@ def weight_nk(module: nn.Module) -> Tensor:
 
         return dequantize_weight(module)
     return module.weight
+
+
+def adapter_device(module: nn.Module) -> torch.device:
+    """Where a new adapter of base ``module`` lives: its weight's device, or, for a weight that
+    accelerate offloaded (on the meta device, loaded by the module's ``_hf_hook`` for each call:
+    ``cpu_offload`` / ``disk_offload`` / ``dispatch_model`` / ``from_pretrained(device_map=...)``),
+    the hook's execution device, where the base computes. (An adapter on the meta device would
+    hold no values: copying a saved adapter into it does nothing.)"""
+    w = getattr(module, "weight", None)
+    device = w.device if isinstance(w, Tensor) else torch.device("cpu")
+    if device.type != "meta":
+        return device
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+        exec_device = getattr(h, "execution_device", None)
+        if exec_device is not None:
+            return torch.device(exec_device if not isinstance(exec_device, int) else f"cuda:{exec_device}")
+    return device  # meta without a hook (e.g. init_empty_weights): as PEFT, the adapter is made there too
+

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._base_kinds import adapter_device
 from .bank import Entry
 from .lora import LoraLinear
 
@@ -48,7 +49,7 @@ class AdaLoraLinear(LoraLinear):
         self._set_config(name, r, lora_alpha, False, False, False,
                          nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity(),
                          scaling=lora_alpha if lora_alpha > 0 else float(r))
-        kw = dict(device=w.device, dtype=dtype)
+        kw = dict(device=adapter_device(self.base_layer), dtype=dtype)
         self.lora_A[name] = nn.Parameter(torch.randn(r, K, **kw))
         self.lora_B[name] = nn.Parameter(torch.randn(N, r, **kw))
         self.lora_E[name] = nn.Parameter(torch.randn(r, 1, **kw))

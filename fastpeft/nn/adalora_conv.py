@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._base_kinds import adapter_device
 from .lora_conv import LoraConv, check_conv_base
 
 
@@ -57,7 +58,7 @@ class AdaLoraConv2d(LoraConv):
             self.inference_mode[name] = bool(inference_mode)
         w = self.base_layer.weight
         dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
-        kw = dict(device=w.device, dtype=dtype)
+        kw = dict(device=adapter_device(self.base_layer), dtype=dtype)
         self._set_config(name, r, lora_alpha, False, False, False,
                          nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity(),
                          scaling=lora_alpha if lora_alpha > 0 else float(r))

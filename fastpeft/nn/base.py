@@ -132,7 +132,9 @@ class AdapterLayer(nn.Module):
     def _slot_device(self) -> torch.device:
         w = getattr(self.get_base_layer(), "weight", None)
         if isinstance(w, Tensor):
-            return w.device
+            from ._base_kinds import adapter_device
+
+            return adapter_device(self.get_base_layer())  # an offloaded base: where it computes
         for p in self.parameters():
             return p.device
         return torch.device("cpu")

@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from ._base_kinds import runs_fused, weight_nk
+from ._base_kinds import adapter_device, runs_fused, weight_nk
 from .bank import ScaleBank
 from .base import packs_outside_inference_mode
 from .linear_base import LinearLayerBase
@@ -41,7 +41,7 @@ class IA3Linear(LinearLayerBase):
         dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
         shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
         make = torch.ones if init_ia3_weights else torch.randn
-        t = make(shape, device=w.device, dtype=dtype)
+        t = make(shape, device=adapter_device(self.base_layer), dtype=dtype)
         self.ia3_l[name] = nn.Parameter(t)
         self.set_adapter(self._active)
 

@@ -19,6 +19,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ._base_kinds import adapter_device
 from .base import AdapterLayer
 
 
@@ -48,7 +49,7 @@ class IA3Conv(AdapterLayer):
         c = self.in_features if self.is_feedforward else self.out_features
         shape = (1, c) + (1,) * (self._kernel_dim - 2)
         make = torch.ones if init_ia3_weights else torch.randn
-        self.ia3_l[name] = nn.Parameter(make(shape, device=w.device, dtype=dtype))
+        self.ia3_l[name] = nn.Parameter(make(shape, device=adapter_device(self.base_layer), dtype=dtype))
         self.set_adapter(self._active)
 
     def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:

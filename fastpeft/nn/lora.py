@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import dora, lora_init
 from . import selection as _selection
-from ._base_kinds import has_hooks, runs_fused, weight_nk
+from ._base_kinds import adapter_device, has_hooks, runs_fused, weight_nk
 from .bank import AdapterBank, Entry
 from .base import packs_outside_inference_mode
 from .dora import DoraMagnitude
@@ -96,9 +96,15 @@ class LoraLinear(LinearLayerBase):
                              f"(a loaded adapter's weights replace the initialization)")
         if method is not None:
             lora_init.check_layer(self, method[0], r, lora_bias)  # before anything changes
+        if use_dora and self.base_layer.weight.device.type == "meta":
+            raise NotImplementedError(
+                "DoRA on a base layer whose weights accelerate offloaded (meta device) is not supported: its "
+                "weight norm needs the weights outside the base's own call (PEFT fails there too); keep the DoRA "
+                "layers' weights in memory (e.g. in the device_map) or merge the adapter first"
+            )
         self._register(name)
         w = self.base_layer.weight
-        device = w.device
+        device = adapter_device(self.base_layer)  # accelerate-offloaded bases: the execution device
         if dtype is None:
             dtype = w.dtype if w.is_floating_point() else torch.float32
         K, N = self.in_features, self.out_features

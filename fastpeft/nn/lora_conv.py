@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._base_kinds import base_kind, runs_fused
+from ._base_kinds import adapter_device, base_kind, runs_fused
 from .base import PACK_LOCK, AdapterLayer, packs_outside_inference_mode
 from .dora import DoraMagnitude
 from .lora import LoraLinear, _dropout_active, lora_scaling
@@ -189,7 +189,7 @@ class LoraConv(AdapterLayer):
         self._register(name)
         w = base.weight
         dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
-        kw = dict(device=w.device, dtype=dtype)
+        kw = dict(device=adapter_device(self.base_layer), dtype=dtype)
         self._set_config(name, r, lora_alpha, use_rslora, use_dora, lora_bias,
                          nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity())
         conv, ones = _CONV[self._kernel_dim], (1,) * (self._kernel_dim - 2)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import _schema  # noqa: F401  (defines torch.ops.fastpeft.*)
-from ._base_kinds import in_out_features, runs_fused
+from ._base_kinds import adapter_device, in_out_features, runs_fused
 from .bank import AdapterBank, Entry
 from .base import AdapterLayer, packs_outside_inference_mode
 from .lora import lora_scaling
@@ -44,7 +44,7 @@ class LoraEmbedding(AdapterLayer):
         self._register(name)
         w = self.base_layer.weight
         dtype = dtype or w.dtype
-        kw = dict(device=w.device, dtype=dtype)
+        kw = dict(device=adapter_device(self.base_layer), dtype=dtype)
         self._set_config(name, r, lora_alpha, use_rslora, nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity())
         # PEFT's draws, in its order: randn A, randn B (CPU, default dtype), then for any init but
         # False (also "gaussian", "pissa...", "olora", "orthogonal": PEFT's Embedding has no branch
