@@ -8,7 +8,12 @@ File keys (PEFT ``save_pretrained``) carry the ``base_model.model.`` prefix and 
     base_model.model.<P>.lora_magnitude_vector    model: <P>.lora_magnitude_vector.<adapter>.weight (DoRA)
     base_model.model.<P>.lora_A / lora_B / lora_E model: <P>.lora_A.<adapter> ... (AdaLoRA; ranknum not saved)
     base_model.model.<P>.ia3_l                    model: <P>.ia3_l.<adapter>
+    base_model.model.<P>.lora_diag                model: <P>.lora_diag.<adapter> (KaSA)
     base_model.model.<W>.weight                   model: <W>.modules_to_save.<adapter>.weight
+    base_model.model.<E>.token_adapter.trainable_tokens_delta
+                                                  model: <E>.token_adapter.trainable_tokens_delta.<adapter>
+                                                  (trainable_token_indices; a tied LM head shares the
+                                                  tensor and is not saved)
     base_model.model.<P>.base_layer.bias          (bias="lora_only"; bias="all" saves every *.bias)
 
 Model keys here are ``state_dict()`` names; a ``PeftModel``'s have the ``base_model.model.``
@@ -52,7 +57,8 @@ PEFT_PREFIX = "base_model.model."
 # "<P>.<name>.<adapter>" (ParameterDict) or "<P>.<name>.<adapter>.<param>" (ModuleDict).
 ADAPTER_PARAMETER_NAMES = (
     "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-    "lora_E", "ranknum", "ia3_l",
+    "lora_E", "ranknum", "ia3_l", "lora_diag",  # lora_diag: KaSA (fastpeft/nn/lora_variants/kasa.py)
+    "trainable_tokens_delta",  # trainable_token_indices (fastpeft/nn/trainable_tokens.py)
 )
 _MODULES_TO_SAVE = "modules_to_save"
 _EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -247,6 +253,7 @@ def get_adapter_state_dict(
              if not any(f".{o}." in k or k.endswith(f".{o}") for o in others)}
 
     out = {k: v for k, v in state.items() if _is_layer_key(k, adapter_name)}
+    out = {k: v for k, v in out.items() if k not in _tied_token_aliases(out)}
     layer_paths = {_adapter_key_match(k)["path"] for k in out}
     bias = getattr(config, "bias", "none")
     if bias == "all":
@@ -270,6 +277,21 @@ def get_adapter_state_dict(
 
     out.update(_embedding_entries(state, config, layer_paths, save_embedding_layers, embedding_module_names))
     return {remove_adapter_name(k, adapter_name): v for k, v in out.items()}
+
+
+def _tied_token_aliases(state) -> set[str]:
+    """Keys of ``trainable_tokens_delta`` entries holding the same tensor as an earlier entry: an
+    output layer tied to the input embedding shares its rows, which PEFT saves once (under the
+    input embedding, before the LM head in a model's state dict)."""
+    seen, aliases = set(), set()
+    for key, value in state.items():
+        if ".trainable_tokens_delta." not in key or not isinstance(value, torch.Tensor) or value.device.type == "meta":
+            continue
+        ident = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if ident in seen:
+            aliases.add(key)
+        seen.add(ident)
+    return aliases
 
 
 def _slice_adalora(out: dict, config: AdaLoraConfig, adapter_name: str) -> dict:
@@ -374,7 +396,9 @@ def expected_adapter_keys(model_param_names: Iterable[str], adapter_name: str) -
     adapter layers' tensors (without AdaLoRA's ``ranknum``, which is never saved) and the
     ``modules_to_save`` copies. Compare with the keys of ``adapter_keys_to_model_keys`` to find
     missing ones."""
-    names = [n.removeprefix(PEFT_PREFIX) for n in model_param_names]
+    tensors = getattr(model_param_names, "mapping", None)  # a state dict's keys(): its values tell tied rows
+    aliases = _tied_token_aliases(tensors) if tensors is not None else set()
+    names = [n.removeprefix(PEFT_PREFIX) for n in model_param_names if n not in aliases]
     return [
         n for n in names
         if _modules_to_save_key(n, adapter_name)

@@ -69,7 +69,9 @@ __all__ = ["check_hotswap_configs_compatible", "hotswap_adapter", "hotswap_adapt
 _HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
 # fields that change what layers exist or what they hold: must be equal
 _MUST_MATCH = ("use_dora", "lora_dropout", "lora_bias", "layer_replication", "trainable_token_indices",
-               "target_parameters")
+               "target_parameters",
+               # LoRA variants (fastpeft/nn/lora_variants): the layers keep the variant they were built with
+               "alora_invocation_tokens", "arrow_config", "use_bdlora", "kasa_config")
 # fields describing the model's layer set (and its base): kept from the model's config
 _KEEP_FROM_MODEL = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
                     "modules_to_save", "fan_in_fan_out", "bias", "task_type", "inference_mode")

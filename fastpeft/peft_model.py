@@ -10,6 +10,7 @@ from . import _peft_api as peft_api
 from . import checkpoint, saving, status, targeting, tuner
 from ._locks import reading
 from .config import PeftConfig, as_fastpeft_config
+from .nn.lora_variants import alora
 
 
 class AdapterModel(nn.Module):
@@ -353,20 +354,22 @@ class PeftModel(nn.Module):
         # PEFT's PeftModelFor<Task> (a task_type was given) calls its tuner, which adds AdaLoRA's
         # regularisation to the loss; a plain PeftModel calls the base model directly
         run = self.base_model._forward if self._task_type is not None else (lambda a, kw: model(*a, **kw))
-        if adapter_names is None:
-            return run(args, kwargs)
-        with tuner.mixed_batch(model, adapter_names, repeat=False):  # one name per row, as in PEFT
-            return run(args, kwargs)
+        with alora.call_context(model, args, kwargs, adapter_names):  # aLoRA offsets from input_ids; pops alora_offsets=
+            if adapter_names is None:
+                return run(args, kwargs)
+            with tuner.mixed_batch(model, adapter_names, repeat=False):  # one name per row, as in PEFT
+                return run(args, kwargs)
 
     def generate(self, *args, adapter_names=None, **kwargs):
         return reading(self.base_model.model, self._generate, args, adapter_names, kwargs)
 
     def _generate(self, args, adapter_names, kwargs):
         model = self.base_model.model
-        if adapter_names is None:
-            return model.generate(*args, **kwargs)
-        with tuner.mixed_batch(model, adapter_names):  # a name per prompt row, repeated for beams / sequences
-            return model.generate(*args, **kwargs)
+        with alora.call_context(model, args, kwargs, adapter_names):
+            if adapter_names is None:
+                return model.generate(*args, **kwargs)
+            with tuner.mixed_batch(model, adapter_names):  # a name per prompt row, repeated for beams / sequences
+                return model.generate(*args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         """The base model's (PEFT's PeftModelForCausalLM changes it only for prompt learning)."""

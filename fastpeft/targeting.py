@@ -325,6 +325,7 @@ def find_target_modules(model: nn.Module, config: PeftConfig) -> list[str]:
     Raises:
         NoMatchingModuleError (a ValueError): nothing matched; the message names
             ``target_modules`` (and ``exclude_modules`` / layer settings) and some module names.
+            Not for a config with ``target_parameters`` (it may target parameters only): [] then.
     """
     config = prepare_config(config, model)
     prefixes = _adapter_prefixes(model)
@@ -337,7 +338,7 @@ def find_target_modules(model: nn.Module, config: PeftConfig) -> list[str]:
             excluded.append(path)
         elif is_target(path, module, config):
             found.append(path)
-    if not found:
+    if not found and not getattr(config, "target_parameters", None):  # else: fastpeft.targeting_params decides
         raise NoMatchingModuleError(_no_match_message(config, names, excluded))
     if getattr(config, "exclude_modules", None) and not excluded:
         import warnings

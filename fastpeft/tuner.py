@@ -13,14 +13,15 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from . import checkpoint, targeting
+from . import checkpoint, replication, targeting
 from ._locks import changes
 from ._progress import progress
 from .config import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig
-from .nn import AdaLoraLinear, AdapterLayer, IA3Linear, LoraEmbedding, LoraLinear, ModulesToSaveWrapper
-from .nn._base_kinds import base_kind
+from .layer_factory import add_to_layer as _add_to_layer
+from .layer_factory import init_needs_peft as _init_needs_peft
+from .layer_factory import new_layer as _new_layer
+from .nn import AdapterLayer, ModulesToSaveWrapper
 from .nn.base import BASE_NAMES
-from .nn.lora_conv import conv_layer_for
 from .nn.selection import Selection, inside, selecting
 
 
@@ -64,23 +65,11 @@ def _method(config: PeftConfig) -> str:
     raise TypeError(f"unsupported config type {type(config).__name__}; expected LoraConfig, IA3Config or AdaLoraConfig")
 
 
-_LAYER_FOR = {"lora": LoraLinear, "adalora": AdaLoraLinear, "ia3": IA3Linear}
-
-
 def _parent(model: nn.Module, path: str):
     if "." in path:
         parent_path, child = path.rsplit(".", 1)
         return model.get_submodule(parent_path), child
     return model, path
-
-
-def _adapter_dtype(base: nn.Module, autocast: bool) -> torch.dtype | None:
-    w = getattr(base, "weight", None)
-    if w is None or not w.is_floating_point():
-        return torch.float32
-    if autocast and w.dtype in (torch.float16, torch.bfloat16):
-        return torch.float32  # PEFT's autocast_adapter_dtype=True
-    return w.dtype
 
 
 @changes
@@ -122,11 +111,22 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
                       "adapters; consider converting the adapter into a normal LoRA adapter", stacklevel=3)
     if method == "lora" and lora_init.changes_base(init):
         finish = lora_init.after_success(model, adapter_name, finish)  # the base copies live until then
+    if method == "lora":  # LoRA variants (aLoRA, Arrow, BD-LoRA, KaSA): model-level checks (fastpeft/nn/lora_variants)
+        from .nn import lora_variants
+
+        finish = lora_variants.before_inject(model, configs, adapter_name, config, finish)
     config = targeting.prepare_config(config, model)
-    paths = targeting.find_target_modules(model, config)
-    # map 'x.base_layer' (the base inside an existing adapter layer) to the layer itself
-    paths = list(dict.fromkeys(p[: -len(".base_layer")] if p.endswith(".base_layer") else p for p in paths))
-    save_paths = targeting.find_modules_to_save(model, config) if getattr(config, "modules_to_save", None) else []
+    # ----- layer_replication: PEFT's replicate_layers before targeting (fastpeft/replication.py) -----
+    undo_replication = replication.apply(model, config, configs)
+    try:
+        paths = targeting.find_target_modules(model, config)
+        # map 'x.base_layer' (the base inside an existing adapter layer) to the layer itself
+        paths = list(dict.fromkeys(p[: -len(".base_layer")] if p.endswith(".base_layer") else p for p in paths))
+        save_paths = targeting.find_modules_to_save(model, config) if getattr(config, "modules_to_save", None) else []
+    except BaseException:
+        undo_replication()
+        raise
+    # ----- end layer_replication -----
     created: list[tuple[nn.Module, str, nn.Module]] = []  # (parent, child name, original) to undo
     configs[adapter_name] = config
     base_flags = [(p, p.requires_grad) for _, p in _base_named_parameters(model)]  # restored on failure
@@ -142,6 +142,19 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
                 created.append((parent, child, module))
                 module = layer
             _add_to_layer(module, method, adapter_name, path, config, autocast_adapter_dtype, loading=weights is not None)
+        # ----- target_parameters: LoRA on nn.Parameters (fastpeft/targeting_params.py) -----
+        if getattr(config, "target_parameters", None):
+            from .targeting_params import inject_parameters
+
+            inject_parameters(model, config, adapter_name, configs, paths, created, autocast=autocast_adapter_dtype,
+                              loading=weights is not None)
+        # ----- end target_parameters -----
+        # ----- trainable_token_indices: trainable embedding rows (fastpeft/targeting_tokens.py) -----
+        if getattr(config, "trainable_token_indices", None) is not None:
+            from .targeting_tokens import inject_trainable_tokens
+
+            inject_trainable_tokens(model, config, adapter_name, save_paths, created)
+        # ----- end trainable_token_indices -----
         for path in save_paths:
             module = model.get_submodule(path)
             if not isinstance(module, ModulesToSaveWrapper):
@@ -169,6 +182,7 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
         _remove_adapter_from_layers(model, adapter_name)
         for parent, child, original in reversed(created):
             setattr(parent, child, original)
+        undo_replication()  # layer_replication: the original stack of layers again
         configs.pop(adapter_name, None)
         if not configs:
             model._fastpeft_active = []
@@ -180,68 +194,6 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
                 p.requires_grad_(flag)
         raise
     return paths
-
-
-def _new_layer(method: str, module: nn.Module, path: str, config) -> AdapterLayer:
-    kind = base_kind(module)
-    if kind == "other":
-        raise ValueError(
-            f"target module {path!r} is a {type(module).__name__}; fastpeft adapts nn.Linear, "
-            f"transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d and bitsandbytes Linear4bit/Linear8bitLt"
-        )
-    if kind == "conv":  # LoRA on Conv1d/2d/3d, AdaLoRA on Conv2d, IA3 on Conv2d/3d (PEFT's coverage)
-        return conv_layer_for(method, module, path, method == "ia3" and targeting.is_feedforward(path, config))
-    if method == "lora" and kind == "embedding":
-        return LoraEmbedding(module)
-    if kind == "embedding":
-        raise ValueError(f"{method} on embedding layers is not supported (module {path!r})")
-    if method == "ia3":
-        return IA3Linear(module, is_feedforward=targeting.is_feedforward(path, config))
-    return _LAYER_FOR[method](module)
-
-
-def _add_to_layer(layer, method, adapter_name, path, config, autocast, loading: bool = False):
-    """Add the adapter to one layer. ``loading``: its weights come next, so an initialization that
-    only sets the starting A and B (eva, orthogonal, ...: refused for new adapters) is moot."""
-    dtype = _adapter_dtype(layer.base_layer, autocast)
-    if method == "ia3":
-        layer.add_adapter(adapter_name, init_ia3_weights=config.init_ia3_weights, dtype=dtype)
-        return
-    r, alpha = targeting.get_rank_and_alpha(path, config)
-    if method == "adalora":
-        # PEFT builds every layer at init_r and shrinks it to the rank pattern only when saved
-        # weights are loaded (resize_modules_by_rank_pattern); a layer pruned to rank 0 keeps
-        # zero-size tensors and ranknum 0
-        ranks = targeting.adalora_ranks(config) if loading and getattr(config, "rank_pattern", None) else {}
-        r = int(ranks.get(path, config.init_r))
-        layer.add_adapter(adapter_name, r=r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                          init_lora_weights=config.init_lora_weights, dtype=dtype,
-                          ranknum=config.init_r if r > 0 else 0, inference_mode=getattr(config, "inference_mode", False))
-        return
-    if isinstance(layer, LoraLinear):  # pissa / olora: checked, and the base weight kept for a rollback
-        from .nn import lora_init
-
-        lora_init.remember_base(layer, adapter_name, config.init_lora_weights, r, getattr(config, "lora_bias", False))
-    layer.add_adapter(
-        adapter_name,
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
-        lora_bias=getattr(config, "lora_bias", False),
-        init_lora_weights=True if loading and _init_needs_peft(config.init_lora_weights) else config.init_lora_weights,
-        dtype=dtype,
-    )
-
-
-def _init_needs_peft(init) -> bool:
-    """An ``init_lora_weights`` string fastpeft's layers do not compute (eva, corda, loftq, lora_ga,
-    mica: data or a quantizer needed). When loading, the file's weights replace it (True); pissa,
-    olora and orthogonal run as in PEFT, also when loading (PEFT rewrites the base weights then too)."""
-    from .nn import lora_init
-
-    return isinstance(init, str) and init.lower() != "gaussian" and lora_init.parse(init) is None
 
 
 def _base_named_parameters(model: nn.Module):
@@ -306,6 +258,9 @@ def load_weights(model: nn.Module, file_sd: dict, adapter_name: str, config: Pef
         )
     if not mapped:
         raise ValueError(f"adapter {adapter_name!r}: the weights file holds no weight for this adapter")
+    from .parallel.sharded_state import local_entries
+
+    mapped = local_entries(model, mapped)  # tensor-parallel layers: this rank's pieces of the full tensors
     for key, t in mapped.items():
         target = own[key]
         if tuple(target.shape) != tuple(t.shape):
@@ -449,6 +404,7 @@ def _peft_names_hook(names: tuple, block):
 @changes
 def merge(model: nn.Module, adapter_names=None, safe_merge: bool = False) -> None:
     names = _check_names(model, adapter_names, "merge") if adapter_names is not None else None
+    replication.refuse_merge(model)  # layer_replication: copies share base weights
     for layer in adapter_layers(model):
         layer.merge(names, safe_merge=safe_merge)
 
@@ -465,6 +421,8 @@ def unload(model: nn.Module, merge_first: bool, adapter_names=None, safe_merge: 
     """Replace every adapter layer by its base (merged first if asked); returns ``model``.
     ``progressbar``: a bar over the layers, as PEFT's ``merge_and_unload(progressbar=True)``."""
     names = _check_names(model, adapter_names, "merge") if merge_first and adapter_names is not None else None
+    if merge_first:
+        replication.refuse_merge(model)  # layer_replication: copies share base weights
     desc = "Unloading " + ("and merging " if merge_first else "") + "model"
     if merge_first:  # every merge first: one that raises leaves all layers wrapped (unmerge() recovers)
         for layer in progress(adapter_layers(model), desc, enabled=progressbar):

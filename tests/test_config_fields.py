@@ -37,12 +37,10 @@ CLASSES = {
 
 # a value that switches each unsupported option on, and that PEFT's config accepts
 UNSUPPORTED_VALUES = {
-    "trainable_token_indices": [1, 2],
     "velora_config": {"num_groups": 8},
-    "alora_invocation_tokens": [5, 6],
+    "alora_invocation_tokens": [5, 6],  # (this and the other variants: refused for AdaLoRA only)
     "monteclora_config": {"num_samples": 2},
-    "layer_replication": [(0, 1), (0, 2)],
-    "target_parameters": ["mlp.experts.gate_up_proj"],
+    "target_parameters": ["mlp.experts.gate_up_proj"],  # AdaLoRA only (LoRA: tests/test_target_parameters.py)
     "use_bdlora": {"nblocks": 2},
     "arrow_config": {"top_k": 2},
     "kasa_config": {"beta": 0.001},
@@ -135,12 +133,12 @@ def test_unsupported_field_is_refused(key, name, tmp_path):
 
 def test_loading_a_refused_adapter_leaves_the_model_untouched(tmp_path):
     model, _ = tiny("llama")
-    peft.LoraConfig(target_modules=["q_proj"], layer_replication=[(0, 2), (1, 2)]).save_pretrained(tmp_path)
+    peft.LoraConfig(target_modules=["q_proj"], ensure_weight_tying=True).save_pretrained(tmp_path)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(UnsupportedConfigError, match=rf"'{re.escape(str(tmp_path))}.*layer_replication"):
+    with pytest.raises(UnsupportedConfigError, match=rf"'{re.escape(str(tmp_path))}.*ensure_weight_tying"):
         fastpeft.PeftModel.from_pretrained(model, str(tmp_path))
     mixin = fastpeft.with_adapters(model)
-    with pytest.raises(UnsupportedConfigError, match="layer_replication"):
+    with pytest.raises(UnsupportedConfigError, match="ensure_weight_tying"):
         mixin.load_adapter(str(tmp_path))
     assert not getattr(model, "peft_config", None)
     assert not any(hasattr(m, "base_layer") for m in model.modules())
@@ -229,6 +227,11 @@ PARITY_CASES = {
     "init-olora": ("gpt2", lambda: peft.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights="olora")),
     "init-mica": ("llama", lambda: peft.LoraConfig(r=4, target_modules=["v_proj"], init_lora_weights="mica")),
     "init-lora-ga": ("llama", lambda: peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="lora_ga")),
+    # LoRA variants (fastpeft/nn/lora_variants; aLoRA and Arrow need their call context: tests/test_lora_variants.py)
+    "variant-kasa": ("llama", lambda: peft.LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                      kasa_config=peft.KasaConfig(beta=0.01))),
+    "variant-bdlora": ("llama", lambda: peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"], use_bdlora=peft.BdLoraConfig(
+        target_modules_bd_a=["o_proj"], target_modules_bd_b=["q_proj"], nblocks=2))),
     "ia3-fields": ("gpt2", lambda: peft.IA3Config(
         target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True,
         init_ia3_weights=False, modules_to_save=["lm_head"])),
@@ -237,6 +240,9 @@ PARITY_CASES = {
         orth_reg_weight=0.2, use_rslora=True, alpha_pattern={"q_proj": 3}, init_lora_weights="olora")),
     "adalora-lora-bias": ("gpt2", lambda: peft.AdaLoraConfig(
         init_r=3, lora_alpha=4, target_modules=["c_attn"], total_step=5, lora_bias=True, r=6, beta1=0.5)),
+    # the rows keep their start values here (randomize_adapters leaves them): tests/test_trainable_tokens.py
+    "lora-trainable-tokens-tied": ("gpt2", lambda: peft.LoraConfig(r=4, target_modules=["c_attn"],
+                                                                   trainable_token_indices=[1, 5, 7])),
 }
 
 

@@ -8,9 +8,10 @@ import peft
 import pytest
 import torch
 import transformers as tf
-from models import logits, randomize_adapters, tiny
 
 import fastpeft
+
+from models import logits, randomize_adapters, tiny
 
 CONFIGS = {
     "lora": lambda lib: lib.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),

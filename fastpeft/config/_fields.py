@@ -21,6 +21,8 @@ import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from ._variant_fields import variant_fields
+
 IMPLEMENTED, METADATA, UNSUPPORTED = "implemented", "metadata", "unsupported"
 
 _PEFT_HINT = ("build the adapter with PEFT (peft.get_peft_model / peft.PeftModel.from_pretrained) and call "
@@ -87,6 +89,9 @@ def _check_lora_init(value) -> str | None:
 
 # --------------------------------------------------------------------------- the tables
 
+# aLoRA, BD-LoRA, Arrow, KaSA (fastpeft/nn/lora_variants): entries and value checks
+_VARIANTS = variant_fields(Field, IMPLEMENTED)
+
 COMMON_FIELDS: dict[str, Field] = {
     "task_type": Field(IMPLEMENTED, "task heads join modules_to_save as in PEFT's PeftModelFor<Task>; the "
                                     "SEQ_CLS head is left out of 'all-linear'"),
@@ -121,11 +126,16 @@ LORA_FIELDS: dict[str, Field] = {
     "rank_pattern": Field(IMPLEMENTED, "per-module r (regex keys, PEFT's get_pattern_key)"),
     "alpha_pattern": Field(IMPLEMENTED, "per-module lora_alpha (regex keys, PEFT's get_pattern_key)"),
     "megatron_config": Field(METADATA, "PEFT reads it only to build Megatron tensor-parallel LoRA layers (plain "
-                                       "LoRA math) on megatron.core Column/RowParallelLinear bases; fastpeft adapts "
-                                       "no Megatron layer (targeting one raises)"),
+                                       "LoRA math) on megatron.core Column/RowParallelLinear bases (its "
+                                       "dispatch_megatron imports megatron_core, then a plain nn.Linear gets PEFT's "
+                                       "ordinary LoRA layer); fastpeft adapts no Megatron layer (targeting one "
+                                       "raises) and imports nothing"),
     "megatron_core": Field(METADATA, "the module megatron_config's layers come from; read only with megatron_config"),
-    "trainable_token_indices": _unsupported("PEFT trains the listed embedding rows through its TrainableTokens "
-                                            "wrappers (their own weights in the file)", _not_none),
+    "trainable_token_indices": Field(IMPLEMENTED, "the listed rows of the input embedding (a list) or of the named "
+                                                  "modules (a dict) train as trainable_tokens_delta, shared by a tied "
+                                                  "LM head, with PEFT's keys (fastpeft.nn.trainable_tokens, "
+                                                  "fastpeft.targeting_tokens); repeated or negative ids and LoRA or "
+                                                  "modules_to_save on the same module are refused"),
     "loftq_config": Field(METADATA, "read only by init_lora_weights='loftq' (refused); otherwise PEFT drops it "
                                     "with a warning, as fastpeft does"),
     "eva_config": Field(METADATA, "read only by PEFT's data-driven initialize_lora_eva_weights(); the trained "
@@ -133,29 +143,38 @@ LORA_FIELDS: dict[str, Field] = {
     "corda_config": Field(METADATA, "read only by PEFT's preprocess_corda and init_lora_weights='corda' (refused)"),
     "lora_ga_config": Field(METADATA, "read only by LoRA-GA's initialization from gradients (preprocess_loraga); "
                                       "the trained adapter is plain LoRA"),
-    "use_dora": Field(IMPLEMENTED, "DoRA (magnitude vector) on nn.Linear, Conv1D and bitsandbytes bases"),
-    "velora_config": _unsupported("VeLoRA: PEFT's layer gets a custom backward and a saved lora_velora_embed "
-                                  "buffer", _not_none),
-    "alora_invocation_tokens": _unsupported("Activated LoRA: the adapter applies only from the invocation "
-                                            "tokens on"),
+    "use_dora": Field(IMPLEMENTED, "DoRA (magnitude vector) on nn.Linear, Conv1D, bitsandbytes and nn.Embedding "
+                                   "bases (fastpeft.nn.dora_embedding); refused on nn.MultiheadAttention, as in PEFT"),
+    "velora_config": _unsupported("VeLoRA: PEFT's layer trains lora_A through a custom backward on compressed "
+                                  "activations and saves a lora_velora_embed buffer per layer", _not_none),
+    "alora_invocation_tokens": _VARIANTS["alora_invocation_tokens"],
     "use_qalora": Field(METADATA, "QALoRA exists only in PEFT's GPTQ layers, which fastpeft does not adapt "
                                   "(targeting one raises); PEFT ignores it on every other base"),
     "qalora_group_size": Field(METADATA, "read only with use_qalora (GPTQ layers)"),
-    "monteclora_config": _unsupported("MonteCLoRA: Monte-Carlo sampled perturbations and extra sampler "
-                                      "parameters in PEFT's layers", _not_none),
-    "layer_replication": _unsupported("PEFT rebuilds the model's stack of layers (replicate_layers) before "
-                                      "adding the adapters"),
+    "monteclora_config": _unsupported("MonteCLoRA: Monte-Carlo sampled perturbations of lora_A while training and "
+                                      "saved lora_monteclora_sampler parameters in PEFT's layers", _not_none),
+    "layer_replication": Field(IMPLEMENTED, "PEFT's replicate_layers before targeting: the stack at (.model)*.layers, "
+                                            "(.bert).encoder.layer or .h rebuilt from the ranges with shared base "
+                                            "weights, layer_idx and num_hidden_layers updated, one adapter per copy "
+                                            "(fastpeft.replication); other layouts raise as in PEFT; refused: a second "
+                                            "adapter with it on an adapted model and merging a replicated model (PEFT "
+                                            "silently gives wrong models there)"),
     "runtime_config": Field(METADATA, "runtime-only (ephemeral_gpu_offload: where DoRA's norm of offloaded "
                                       "weights is computed); neither PEFT nor fastpeft saves it"),
     "lora_bias": Field(IMPLEMENTED, "a bias on lora_B"),
-    "target_parameters": _unsupported("LoRA on nn.Parameter tensors (e.g. MoE experts) through PEFT's "
-                                      "ParamWrapper layers"),
-    "use_bdlora": _unsupported("block-diagonal LoRA (BD-LoRA) factors", _not_none),
-    "arrow_config": _unsupported("Arrow routing between several LoRA experts", _not_none),
-    "kasa_config": _unsupported("KaSA: PEFT truncates the base weight's SVD and adds a lora_diag "
-                                "parameter", _not_none),
-    "ensure_weight_tying": _unsupported("PEFT ties the adapters / modules_to_save copies of a tied input "
-                                        "embedding and LM head; fastpeft has no tied adapters"),
+    "target_parameters": Field(IMPLEMENTED, "LoRA on nn.Parameter tensors (e.g. 3-D MoE expert stacks) with "
+                                            "PEFT's ParamWrapper matching, nesting, keys and shapes "
+                                            "(fastpeft.targeting_params, fastpeft.nn.lora_param); with lora_dropout, "
+                                            "use_dora, lora_bias, fan_in_fan_out or a LoRA variant refused as PEFT "
+                                            "refuses them"),
+    "use_bdlora": _VARIANTS["use_bdlora"],
+    "arrow_config": _VARIANTS["arrow_config"],
+    "kasa_config": _VARIANTS["kasa_config"],
+    "ensure_weight_tying": _unsupported("with tie_word_embeddings, PEFT then adds the adapter only to the input "
+                                        "embedding and gives the tied lm_head LoRA factors that are the embedding's "
+                                        "lora_embedding_B / lora_embedding_A transposed (shared parameters), a "
+                                        "modules_to_save copy of the lm_head tied to the embedding's copy, and tied "
+                                        "trainable-token rows; fastpeft has no tied adapter layers or copies"),
 }
 
 _ADALORA_TRAINING = ("training-only: read by PEFT's rank allocator (AdaLoraModel.update_and_allocate, called by "
@@ -172,6 +191,11 @@ ADALORA_FIELDS: dict[str, Field] = {
     "use_rslora": Field(METADATA, "PEFT's AdaLoRA layers ignore it (scaling lora_alpha / ranknum), as fastpeft does"),
     "lora_bias": Field(METADATA, "PEFT's AdaLoRA layers ignore it (no bias on lora_B), as fastpeft does"),
     "use_dora": Field(IMPLEMENTED, "False only: AdaLoRA with DoRA is refused, as in PEFT"),
+    **{name: _unsupported("a LoRA variant on AdaLoRA: PEFT's AdaLoRA layers do not implement it", test)
+       for name, test in (("alora_invocation_tokens", bool), ("use_bdlora", _not_none), ("arrow_config", _not_none),
+                          ("kasa_config", _not_none))},
+    "target_parameters": _unsupported("PEFT's AdaLoRA cannot target parameters (its _create_and_replace takes no "
+                                      "parameter_name and raises TypeError)"),
     "target_r": Field(METADATA, _ADALORA_TRAINING),
     "init_r": Field(IMPLEMENTED, "the rank the layers are built with (and the scaling divisor ranknum)"),
     "tinit": Field(METADATA, _ADALORA_TRAINING),

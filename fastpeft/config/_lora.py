@@ -32,12 +32,13 @@ class LoraConfig(PeftConfig):
     a ``.name`` suffix, a regex str matched with ``re.fullmatch``, or ``"all-linear"``),
     ``exclude_modules``, ``bias`` (``"none"``, ``"all"``, ``"lora_only"``), ``rank_pattern`` /
     ``alpha_pattern`` (regex key -> per-module r / alpha), ``layers_to_transform`` +
-    ``layers_pattern``, ``modules_to_save``.
+    ``layers_pattern``, ``modules_to_save``, ``target_parameters`` (LoRA on ``nn.Parameter``
+    tensors such as MoE expert stacks: :mod:`fastpeft.targeting_params`).
 
     Every PEFT field is accepted by name; what fastpeft does with each is in
-    ``fastpeft.config._fields.LORA_FIELDS``. Options fastpeft does not implement (LoRA variants
-    such as aLoRA or KaSA, ``target_parameters``, ``layer_replication``, ...) raise
-    ``UnsupportedConfigError`` naming the field.
+    ``fastpeft.config._fields.LORA_FIELDS``; the LoRA variants aLoRA, Arrow, BD-LoRA and KaSA are
+    in :mod:`fastpeft.nn.lora_variants`. Options fastpeft does not implement (VeLoRA, MonteCLoRA,
+    ``ensure_weight_tying``, ...) raise ``UnsupportedConfigError`` naming the field.
     """
 
     r: int = 8

@@ -8,6 +8,7 @@ from .ia3_conv import IA3Conv
 from .lora import LoraLinear
 from .lora_conv import LoraConv
 from .lora_embedding import LoraEmbedding
+from .lora_mha import LoraMultiheadAttention
 from .modules_to_save import ModulesToSaveWrapper
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "LoraConv",
     "LoraEmbedding",
     "LoraLinear",
+    "LoraMultiheadAttention",
     "ModulesToSaveWrapper",
     "find_adapter_layers",
 ]

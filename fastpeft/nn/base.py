@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..parallel import tensor_parallel as _tensor_parallel
 from . import selection as _selection
 from .selection import Selection
 from .slots import SlotTable, rows_per_name
@@ -58,11 +59,13 @@ class AdapterLayer(nn.Module):
 
     adapter_param_dicts: tuple[str, ...] = ()
     bank_class: type = SlotTable
+    _tp = None  # the base's tensor-parallel sharding (fastpeft.parallel.tensor_parallel.TPPlan) or None
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self._init_adapter_state()
+        self._tp = _tensor_parallel.plan_for(self, base_layer)  # raises for a sharding it does not implement
 
     def _init_adapter_state(self) -> None:
         self.bank = self.bank_class()

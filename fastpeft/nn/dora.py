@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.reference import dora_weight_norm
+from ..parallel import tensor_parallel as _tensor_parallel
 from ._base_kinds import weight_nk
 
 
@@ -24,7 +25,10 @@ class DoraMagnitude(nn.Module):
 
 
 def dora_norm(layer, name: str, dtype: torch.dtype) -> Tensor:
-    """``||W + s B A||`` per output row [N], computed in ``dtype`` as PEFT does."""
+    """``||W + s B A||`` per output row [N], computed in ``dtype`` as PEFT does (a
+    tensor-parallel base: this rank's rows, :func:`fastpeft.parallel.tensor_parallel.dora_norm`)."""
+    if getattr(layer, "_tp", None) is not None:
+        return _tensor_parallel.dora_norm(layer, name, dtype)
     W = weight_nk(layer.base_layer).to(dtype)
     A = layer._a_weight(name).to(dtype)
     Bt = layer._b_weight(name).t().to(dtype)
@@ -50,7 +54,7 @@ def dora_scale(layer):
     bank = layer.bank
     if torch.compiler.is_compiling():
         return False if bank.dora is None else bank.dora[1]
-    W = layer.base_layer.weight
+    W = _tensor_parallel.local(layer.base_layer.weight)  # a DTensor's own data_ptr is 0
     key_parts = [W.data_ptr(), W._version]
     for n in layer._adapters:
         if layer.use_dora.get(n):

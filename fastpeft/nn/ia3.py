@@ -18,6 +18,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from ..parallel import tensor_parallel as _tensor_parallel
 from ._base_kinds import adapter_device, runs_fused, weight_nk
 from .bank import ScaleBank
 from .base import packs_outside_inference_mode
@@ -43,6 +44,8 @@ class IA3Linear(LinearLayerBase):
         make = torch.ones if init_ia3_weights else torch.randn
         t = make(shape, device=adapter_device(self.base_layer), dtype=dtype)
         self.ia3_l[name] = nn.Parameter(t)
+        if self._tp is not None:  # this rank's shard, equal on every rank (fastpeft/parallel)
+            _tensor_parallel.adopt(self, name)
         self.set_adapter(self._active)
 
     def _scale_vector(self, names) -> Tensor:
@@ -114,7 +117,8 @@ class IA3Linear(LinearLayerBase):
         else:
             scale = self._scale_vector(names)
         previous_dtype = x.dtype
-        if args or kwargs or not runs_fused(self.base_layer) or (torch.is_grad_enabled() and scale.requires_grad):
+        fusable = runs_fused(self.base_layer) or _tensor_parallel.fusable(self)  # TP: the operator on local shards
+        if args or kwargs or not fusable or (torch.is_grad_enabled() and scale.requires_grad):
             if self.is_feedforward:
                 return self.base_layer((x * scale).to(previous_dtype), *args, **kwargs)
             result = self.base_layer(x, *args, **kwargs)
@@ -130,6 +134,8 @@ class IA3Linear(LinearLayerBase):
     def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
         wanted = self.active_adapters if adapter_names is None else adapter_names  # []: nothing, as in PEFT
         names = [n for n in wanted if n in self.ia3_l and n not in self.merged_adapters]
+        if names:
+            _tensor_parallel.refuse(self, "merging")
         for n in names:
             s = self.ia3_l[n].detach().flatten()
             self._scale_base(s)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import _schema  # noqa: F401  (defines torch.ops.fastpeft.*)
+from ..parallel import tensor_parallel as _tensor_parallel
 from ._base_kinds import base_kind, in_out_features
 from .base import AdapterLayer
 
@@ -21,6 +22,8 @@ class LinearLayerBase(AdapterLayer):
         super().__init__(base_layer)
         self.kind = base_kind(base_layer)
         self.in_features, self.out_features = in_out_features(base_layer)
+        if self._tp is not None:  # a tensor-parallel base: this rank's features (fastpeft/parallel)
+            self.in_features, self.out_features = self._tp.local_in, self._tp.local_out
         self.fan_in_fan_out = self.kind == "conv1d"
 
     def _base_weight_nk(self) -> Tensor:
@@ -36,6 +39,8 @@ class LinearLayerBase(AdapterLayer):
         [S, R, K]`` and ``lora_bt [S, R, N]`` (B transposed), ``slot_scales [S]``,
         ``token_slots [M or 1, J]``, DoRA's ``[S, N]`` scale, IA3's input / output scales."""
         args = (lora_a, lora_bt, slot_scales, token_slots, dora_scale, input_scale, output_scale)
+        if self._tp is not None:  # on this rank's shards (row-parallel: one all-reduce for base and adapters)
+            return _tensor_parallel.run_fused(self, x2, *args)
         if self.kind == "quant":
             from ..quant.layers import quantized_adapter_linear
 

@@ -25,7 +25,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import dora, lora_init
+from ..parallel import tensor_parallel as _tensor_parallel
+from . import dora, lora_init, lora_variants
 from . import selection as _selection
 from ._base_kinds import adapter_device, has_hooks, runs_fused, weight_nk
 from .bank import AdapterBank, Entry
@@ -68,6 +69,7 @@ class LoraLinear(LinearLayerBase):
         self.use_dora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
         self._dora_merge_norm: dict[str, Tensor] = {}
+        self._lora_variants: dict = {}  # name -> its LoRA variant (fastpeft.nn.lora_variants), if any
 
     # ----- adding adapters ---------------------------------------------------------------------
     def add_adapter(
@@ -95,6 +97,7 @@ class LoraLinear(LinearLayerBase):
                              f"use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or 'orthogonal' "
                              f"(a loaded adapter's weights replace the initialization)")
         if method is not None:
+            _tensor_parallel.refuse(self, f"init_lora_weights={init_lora_weights!r}")
             lora_init.check_layer(self, method[0], r, lora_bias)  # before anything changes
         if use_dora and self.base_layer.weight.device.type == "meta":
             raise NotImplementedError(
@@ -107,7 +110,7 @@ class LoraLinear(LinearLayerBase):
         device = adapter_device(self.base_layer)  # accelerate-offloaded bases: the execution device
         if dtype is None:
             dtype = w.dtype if w.is_floating_point() else torch.float32
-        K, N = self.in_features, self.out_features
+        K, N = (self.in_features, self.out_features) if self._tp is None else (self._tp.K, self._tp.N)  # TP: made whole
         self._set_config(name, r, lora_alpha, use_rslora, use_dora, lora_bias,
                          nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity())
         if method is not None:  # PEFT's modules, init and dtype path; the base may become the residual
@@ -118,6 +121,8 @@ class LoraLinear(LinearLayerBase):
             self.lora_A[name] = nn.Linear(K, r, bias=False, device=device, dtype=dtype)
             self.lora_B[name] = nn.Linear(r, N, bias=lora_bias, device=device, dtype=dtype)
             self._init_weights(name, init_lora_weights)
+            if self._tp is not None:  # one initialization on every rank, split to this rank's shards
+                _tensor_parallel.adopt(self, name)
         if use_dora:
             with torch.no_grad():
                 norm = dora.dora_norm(self, name, dtype)
@@ -147,6 +152,7 @@ class LoraLinear(LinearLayerBase):
                 nn.init.zeros_(B.bias)
 
     def _remove(self, name: str) -> None:
+        lora_variants.detach(self, name)
         lora_init.restore_base(self, name)  # a rolled-back injection: the base weight before the init
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.lora_bias):
             d.pop(name, None)
@@ -184,21 +190,27 @@ class LoraLinear(LinearLayerBase):
 
     # ----- one adapter's tensors (AdaLoRA overrides) --------------------------------------------
     def _a_weight(self, name: str) -> Tensor:
-        """Effective A [r, K] of an adapter."""
-        return self.lora_A[name].weight
+        """Effective A [r, K] of an adapter (a variant's: e.g. BD-LoRA's dense block-diagonal A)."""
+        v = self._lora_variants.get(name)
+        return self.lora_A[name].weight if v is None else v.a_weight(self, name)
 
     def _b_weight(self, name: str) -> Tensor:
-        """Effective B [N, r]."""
-        return self.lora_B[name].weight
+        """Effective B [N, r] (a variant's: e.g. KaSA's B * lora_diag)."""
+        v = self._lora_variants.get(name)
+        return self.lora_B[name].weight if v is None else v.b_weight(self, name)
 
     def _scale(self, name: str) -> float:
         return self.scaling[name]
 
     def _watched(self, name: str) -> tuple:
         """The parameters the bank's stacks are built from for ``name``."""
-        return (self.lora_A[name].weight, self.lora_B[name].weight)
+        v = self._lora_variants.get(name)
+        return (self.lora_A[name].weight, self.lora_B[name].weight) if v is None else v.watched(self, name)
 
     def _entry(self, name: str) -> Entry:
+        v = self._lora_variants.get(name)
+        if v is not None:  # a copy of the variant's effective factors
+            return v.entry(self, name)
         A, B = self._watched(name)
         return Entry(A, B, self._scale(name), (A, B))
 
@@ -234,7 +246,7 @@ class LoraLinear(LinearLayerBase):
         DoRA on the running result of the adapters before it; in a mixed batch a row has one)."""
         return any(self.lora_bias.get(n) for n in names) or (
             not mixed and len(names) > 1 and any(self.use_dora.get(n) for n in names)
-        )
+        ) or any(not self._lora_variants[n].fused for n in names if n in self._lora_variants)
 
     def _needs_unfused(self, names, mixed: bool, traced: bool = False) -> bool:
         """The one rule for PEFT's unfused route instead of the fused operator: a base whose
@@ -242,7 +254,7 @@ class LoraLinear(LinearLayerBase):
         adapters' own reasons (:meth:`_static_unfused`). ``traced`` (torch.compile): over
         every adapter of the layer and from the flags, so the guards never name adapters
         (switching between loaded adapters keeps a compiled graph)."""
-        if not runs_fused(self.base_layer):
+        if not runs_fused(self.base_layer) and not _tensor_parallel.fusable(self):
             return True
         scope = self._adapters if traced else names
         if torch.is_grad_enabled() and any(p.requires_grad for n in scope for p in self._params_of(n)):
@@ -322,6 +334,7 @@ class LoraLinear(LinearLayerBase):
         bank = self.bank
         if (
             args or kwargs or self.disable_adapters or self.merged_adapters or not bank.ready or self.kind == "quant"
+            or self._tp is not None
             or self._needs_unfused(None, bank.rows is not None, traced=True)
         ):
             return self._forward_eager(x, *args, **kwargs)
@@ -365,7 +378,7 @@ class LoraLinear(LinearLayerBase):
         if bank.page_table is not None and mixed is None and len(names) == 1 and not compiling and x.device.type == "cpu":
             *stacks, ts = bank.adapter_view(self.slot_of(names[0]))
         y = self._run_fused(x2, *stacks, ts, g)
-        if not compiling and self.kind != "quant":
+        if not compiling and self.kind != "quant" and self._tp is None:
             W, inputs = self._base_weight_nk(), (() if g is None else dora.dora_inputs(self))
             if mixed is None:
                 bank.plan = bank.make_plan(self, names, W, stacks, ts, g, inputs)
@@ -386,13 +399,21 @@ class LoraLinear(LinearLayerBase):
         sel = self._call_selection()
         if sel is not None:
             for n, rows in self._row_groups(x.shape[0], names, sel):
-                result[rows] = (result[rows] + self._adapter_delta(n, x[rows], result[rows])).to(out_dtype)
+                result[rows] = (result[rows] + self._delta(n, x[rows], result[rows], (rows, x.shape[0]))).to(out_dtype)
             return result
         for n in names:
-            result = result + self._adapter_delta(n, x, result)
+            result = result + self._delta(n, x, result)
         return result.to(out_dtype)
 
+    def _delta(self, name: str, x: Tensor, result: Tensor, where=None) -> Tensor:
+        """One adapter's unfused delta: its variant's (fastpeft.nn.lora_variants; ``where``: None,
+        or the (row indices, batch size) of the mixed-batch rows ``x`` holds) or :meth:`_adapter_delta`."""
+        v = self._lora_variants.get(name)
+        return self._adapter_delta(name, x, result) if v is None else v.delta(self, name, x, result, where)
+
     def _adapter_delta(self, name: str, x: Tensor, result: Tensor) -> Tensor:
+        if self._tp is not None:  # on this rank's shards (fastpeft/parallel/tensor_parallel.py)
+            return _tensor_parallel.lora_delta(self, name, x, result)
         xl = x.to(self._a_weight(name).dtype)
         if self.use_dora.get(name):
             return dora.dora_delta(self, name, xl, result)
@@ -403,6 +424,9 @@ class LoraLinear(LinearLayerBase):
         """Fold the adapters (default: the active ones) into the base weight, as PEFT does."""
         wanted = self.active_adapters if adapter_names is None else adapter_names  # []: nothing, as in PEFT
         names = [n for n in wanted if n in self.lora_A and n not in self.merged_adapters]
+        if names:
+            _tensor_parallel.refuse(self, "merging")
+        lora_variants.check_merge(self, names)  # aLoRA / Arrow: PEFT's refusal, before anything merges
         for n in names:
             W = weight_nk(self.base_layer)
             orig_dtype = W.dtype
