@@ -6,7 +6,7 @@ reason and what to use instead.
 do: ``config``, ``device``, ``gradient_checkpointing_enable``...). A PEFT name in this table
 must not reach the model, where it would fail with a misleading error about the model's class
 (or, worse, find something else): :func:`refuse_unsupported` raises ``AttributeError`` naming
-it. ``tests/test_peft_api_table.py`` fails when peft gains a public name that is neither
+it. ``tests/test_peft_api.py`` fails when peft gains a public name that is neither
 implemented nor listed here.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ UNSUPPORTED: dict[str, str] = {
     "get_prompt_embedding_to_save": "prompt learning methods (prompt/prefix/p-tuning) are not part of fastpeft",
     "inject_adapter": "PEFT's tuner-internal injection; use fastpeft.inject_adapter_in_model(config, model, name) "
                       "or PeftModel.add_adapter(name, config)",
-    "subtract_mutated_init": "converting PiSSA/OLoRA adapters to plain LoRA is not implemented yet",
+    "subtract_mutated_init": "PEFT's tuner-level step of the PiSSA/OLoRA conversion; use save_pretrained("
+                             "path_initial_model_for_weight_conversion=...), which does the whole conversion",
     "supports_lora_conversion": "converting adapters to LoRA (peft.tuners.lora.conversion) is not implemented",
     "resize_state_dict_by_rank_pattern": "AdaLoRA's state-dict slicing happens inside save_pretrained; there is "
                                          "no separate call",

@@ -14,8 +14,15 @@ CONFIG_NAME = "adapter_config.json"
 
 
 def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default",
-                            low_cpu_mem_usage: bool = False, **kwargs) -> nn.Module:
-    """Add the adapter layers of ``peft_config`` to ``model`` in place and return ``model``."""
+                            low_cpu_mem_usage: bool = False, state_dict: dict | None = None) -> nn.Module:
+    """Add the adapter layers of ``peft_config`` to ``model`` in place and return ``model``
+    (PEFT's parameters). ``state_dict``: PEFT uses it only to find the targets of a config
+    without ``target_modules``, which fastpeft does not implement, so it raises when given;
+    ``low_cpu_mem_usage`` changes nothing computed here."""
+    if state_dict is not None:
+        raise NotImplementedError("inject_adapter_in_model(state_dict=...) (targets from a state dict) is not "
+                                  "supported by fastpeft; give target_modules in the config, then load the weights")
+    del low_cpu_mem_usage
     tuner.inject(model, as_fastpeft_config(peft_config), adapter_name)  # a peft.LoraConfig & co. too
     return model
 

@@ -20,13 +20,25 @@ class AdapterMixin:
     """Adapter methods with the names and meanings of Transformers' ``PeftAdapterMixin``."""
 
     def load_adapter(self, peft_model_id: str | None = None, adapter_name: str | None = None,
-                     revision: str | None = None, token=None, device_map=None,
                      peft_config: PeftConfig | None = None, adapter_state_dict: dict | None = None,
-                     is_trainable: bool = False, adapter_kwargs: dict | None = None, **kwargs) -> None:
-        """Load an adapter from a folder / Hub id, or from ``peft_config`` + ``adapter_state_dict``."""
+                     low_cpu_mem_usage: bool = False, is_trainable: bool = False, hotswap: bool | str = "auto",
+                     local_files_only: bool = False, adapter_kwargs: dict | None = None, *,
+                     revision: str | None = None, token=None, device_map=None, **kwargs) -> None:
+        """Load an adapter from a folder / Hub id, or from ``peft_config`` + ``adapter_state_dict``
+        (Transformers' signature and positional order). ``hotswap``: True replaces the weights of
+        the existing adapter ``adapter_name`` in place; ``"auto"`` (Transformers' default) is
+        False here (Transformers' ``enable_peft_hotswap`` is not implemented)."""
         adapter_name = adapter_name if adapter_name is not None else "default"
+        if kwargs.pop("load_config", None) is not None:
+            raise NotImplementedError("load_adapter(load_config=...) is not supported by fastpeft")
+        if local_files_only:
+            kwargs["local_files_only"] = True
         hub_kw = _hub_kwargs(self, revision, token, adapter_kwargs, kwargs, device_map)
-        if kwargs.pop("hotswap", False):  # Transformers' hotswap=True: new weights for an existing adapter
+        if hotswap == "auto":
+            hotswap = False
+        if not isinstance(hotswap, bool):
+            raise ValueError(f"load_adapter(hotswap=...) takes True, False or 'auto', got {hotswap!r}")
+        if hotswap:  # Transformers' hotswap=True: new weights for an existing adapter
             from .hotswap import hotswap_adapter
 
             if peft_model_id is None:
@@ -161,7 +173,6 @@ def _hub_kwargs(model, revision, token, adapter_kwargs, kwargs, device_map) -> d
     if device_map is not None and not (current is not None and (device_map == "auto" or device_map == current)):
         raise NotImplementedError("load_adapter(device_map=...): fastpeft does not re-place models; place the "
                                   "model first (its adapters follow their base layers' execution devices)")
-    kwargs.pop("low_cpu_mem_usage", None)  # changes nothing that is computed
     hub = {"revision": revision, "token": token}
     if "local_files_only" in kwargs:
         hub["local_files_only"] = kwargs.pop("local_files_only")

@@ -157,8 +157,8 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, config: PeftConfig | None = None,
-                        revision: str | None = None, token=None, subfolder: str | None = None,
-                        autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
+                        autocast_adapter_dtype: bool = True, *, revision: str | None = None, token=None,
+                        subfolder: str | None = None, **kwargs) -> PeftModel:
         """Load a saved adapter (PEFT format) from a folder or Hub repo id onto ``model``.
 
         Keyword arguments as PEFT's: ``cache_dir`` / ``local_files_only`` go to the Hub;
@@ -196,16 +196,18 @@ class PeftModel(nn.Module):
     def active_adapter(self):
         return self.base_model.active_adapter
 
-    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
-                     revision: str | None = None, token=None, subfolder: str | None = None,
-                     hotswap: bool = False, autocast_adapter_dtype: bool = True, **kwargs):
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False, torch_device=None,
+                     autocast_adapter_dtype: bool = True, *, revision: str | None = None, token=None,
+                     subfolder: str | None = None, hotswap: bool = False, **kwargs):
         """Load a saved adapter under ``adapter_name`` (not made active), as PEFT's.
 
         A name the model already has gets the file's weights in place (PEFT's behaviour, which
         ``Trainer(resume_from_checkpoint=...)`` relies on); its config and trainability stay.
         ``hotswap=True``: replace the weights of the existing adapter ``adapter_name`` in place,
-        rank and scaling included (fastpeft/hotswap.py). Keyword arguments as
-        :meth:`from_pretrained`."""
+        rank and scaling included (fastpeft/hotswap.py). Positional order as PEFT's;
+        ``torch_device`` changes nothing computed (the weights are copied into the layers on
+        their device). Keyword arguments as :meth:`from_pretrained`."""
+        del torch_device
         hub_kw = dict(subfolder=subfolder, revision=revision, token=token,
                       **_load_kwargs(kwargs, "load_adapter", self.base_model.model))
         if hotswap:
@@ -320,7 +322,8 @@ class PeftModel(nn.Module):
         for name, sd in files:
             config, auto_mapping = saving.config_to_save(self.peft_config[name], model, name)
             if path_initial_model_for_weight_conversion is not None:  # PiSSA / OLoRA -> plain LoRA, as PEFT
-                sd, config = saving.as_plain_lora(sd, config, path_initial_model_for_weight_conversion)
+                sd, config = saving.as_plain_lora(sd, config, path_initial_model_for_weight_conversion,
+                                                  self.peft_config[name].inference_mode)
             out = save_directory if name == "default" else os.path.join(save_directory, name)
             saving.write_adapter_folder(out, sd, config, safe_serialization, auto_mapping)
 
@@ -437,9 +440,21 @@ class PeftModel(nn.Module):
             return getattr(self.base_model, name)
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
-                   autocast_adapter_dtype: bool = True, **kwargs) -> PeftModel:
-    """Wrap ``model`` with a fresh adapter (PEFT's ``get_peft_model``)."""
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: str | None = None,
+                   low_cpu_mem_usage: bool = False) -> PeftModel:
+    """Wrap ``model`` with a fresh adapter (PEFT's ``get_peft_model``, same parameters).
+
+    ``revision``: recorded in the config (the base model's revision, saved with the adapter), as
+    PEFT does. ``low_cpu_mem_usage`` changes nothing computed here. ``mixed=True`` (PEFT's
+    ``PeftMixedModel``, adapters of different methods together) is not implemented: it raises."""
+    if mixed:
+        raise NotImplementedError("get_peft_model(mixed=True) (PEFT's PeftMixedModel) is not supported by fastpeft; "
+                                  "one model holds adapters of one method")
+    del low_cpu_mem_usage
+    peft_config = as_fastpeft_config(peft_config)
+    if revision is not None:
+        peft_config.revision = revision
     return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
 

@@ -154,11 +154,14 @@ def config_to_save(config: PeftConfig, model, adapter_name: str = "default") -> 
     return saved, auto_mapping
 
 
-def as_plain_lora(state_dict: dict, config: PeftConfig, initial_folder: str) -> tuple[dict, PeftConfig]:
+def as_plain_lora(state_dict: dict, config: PeftConfig, initial_folder: str,
+                  inference_mode: bool = False) -> tuple[dict, PeftConfig]:
     """The trained PiSSA / OLoRA adapter ``state_dict`` (file keys) as the plain LoRA adapter on
     the original base weights (fastpeft/init_methods.py), given the folder where the adapter was
     saved right after its initialization. As PEFT, that folder's config is rewritten with
-    ``init_lora_weights=True`` (its weights are then the plain adapter's second half)."""
+    ``init_lora_weights=True`` (its weights are then the plain adapter's second half).
+    ``inference_mode``: the live config's, which that copy keeps. modules_to_save copies stay in
+    the converted file (PEFT drops them, losing a trained head)."""
     from . import init_methods
 
     if peft_type_name(config) != "LORA":
@@ -166,8 +169,9 @@ def as_plain_lora(state_dict: dict, config: PeftConfig, initial_folder: str) -> 
     initial = checkpoint.load_adapter_weights(initial_folder)
     initial = {k if k.startswith(checkpoint.PEFT_PREFIX) else checkpoint.PEFT_PREFIX + k: v for k, v in initial.items()}
     converted, plain_config = init_methods.convert_to_plain_lora(state_dict, initial, config)
-    initial_config = copy.copy(config)
+    initial_config = copy.copy(config)  # PEFT writes a copy of the live config there (its inference_mode too)
     object.__setattr__(initial_config, "init_lora_weights", True)
+    object.__setattr__(initial_config, "inference_mode", inference_mode)
     initial_config.save_pretrained(initial_folder)
     return converted, plain_config
 

@@ -49,7 +49,9 @@ class TunerModelStatus:
 # fastpeft layer class -> PEFT's module type for the same kind of layer
 _PEFT_NAMES = {"LoraLinear": "lora.Linear", "LoraEmbedding": "lora.Embedding", "IA3Linear": "ia3.Linear",
                "AdaLoraLinear": "adalora.SVDLinear", "LoraConv": "lora.Conv", "IA3Conv": "ia3.Conv",
-               "AdaLoraConv2d": "adalora.SVDConv2d"}
+               "AdaLoraConv2d": "adalora.SVDConv2d", "LoraMultiheadAttention": "lora.MultiheadAttention",
+               "MhaOutProjLora": "lora.Linear", "LoraParam": "lora.ParamWrapper",
+               "TrainableTokensWrapper": "TrainableTokensLayer"}
 _ADAPTER_MODEL = {"LORA": "LoraModel", "IA3": "IA3Model", "ADALORA": "AdaLoraModel"}
 
 
@@ -103,8 +105,11 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
                 devices[adapter].add(p.device.type)
         requires_grad = {k: True if all(v) else False if not any(v) else "irregular" for k, v in grads.items() if v}
         wrapper = isinstance(layer, ModulesToSaveWrapper)
+        name = names.get(id(layer), "")
+        if type(layer).__name__ == "TrainableTokensWrapper":  # PEFT reports the layer inside its wrapper
+            name += ".token_adapter"
         out.append(TunerLayerStatus(
-            name=names.get(id(layer), ""),
+            name=name,
             module_type=_module_type(layer),
             enabled=not layer.disable_adapters,
             active_adapters=list(layer.active_adapters) if wrapper else model_active,

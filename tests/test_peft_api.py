@@ -183,3 +183,25 @@ def test_mixin_load_adapter_refuses_unknown_and_unimplemented_options(two_adapte
     assert not getattr(mine, "peft_config", {})
     mine.load_adapter(os.fspath(two_adapters / "a"), adapter_name="a", adapter_kwargs={"local_files_only": True})
     assert mine.active_adapters() == ["a"]
+
+
+def test_mixin_hotswap_auto_is_no_hotswap_as_transformers(two_adapters):
+    mine = fastpeft.with_adapters(tiny("llama")[0])
+    mine.load_adapter(str(two_adapters / "a"), adapter_name="a", hotswap="auto")  # a fresh model: a plain load
+    with pytest.raises(ValueError, match="already exists"):  # "auto" never swaps silently
+        mine.load_adapter(str(two_adapters / "b"), adapter_name="a", hotswap="auto")
+    with pytest.raises(ValueError, match="hotswap"):
+        mine.load_adapter(str(two_adapters / "b"), adapter_name="a", hotswap="yes")
+
+
+def test_get_peft_model_takes_peft_s_arguments_and_nothing_else():
+    model = fastpeft.get_peft_model(tiny("llama")[0], fastpeft.LoraConfig(r=4, target_modules=TARGETS),
+                                    revision="abc123")
+    ref = peft.get_peft_model(tiny("llama")[0], peft.LoraConfig(r=4, target_modules=TARGETS), revision="abc123")
+    assert model.peft_config["default"].revision == ref.peft_config["default"].revision == "abc123"
+    with pytest.raises(NotImplementedError, match="mixed=True"):
+        fastpeft.get_peft_model(tiny("llama")[0], fastpeft.LoraConfig(r=4, target_modules=TARGETS), mixed=True)
+    with pytest.raises(TypeError, match="bogus"):
+        fastpeft.get_peft_model(tiny("llama")[0], fastpeft.LoraConfig(r=4, target_modules=TARGETS), bogus=1)
+    with pytest.raises(TypeError, match="bogus"):
+        fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(r=4, target_modules=TARGETS), tiny("llama")[0], bogus=1)

@@ -394,8 +394,8 @@ def test_save_pretrained_converts_pissa_to_plain_lora_as_peft(tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
         ca = json.loads((tmp_path / "fastpeft" / sub / "adapter_config.json").read_text())
         cb = json.loads((tmp_path / "peft" / sub / "adapter_config.json").read_text())
-        for key in ("r", "lora_alpha", "init_lora_weights", "rank_pattern", "alpha_pattern"):
-            assert ca[key] == cb[key], (sub, key)
+        assert sorted(ca.pop("target_modules")) == sorted(cb.pop("target_modules"))  # peft: list(set)
+        assert ca == cb, sub
     # the plain adapter on the original (untouched) base gives the trained PiSSA model's outputs
     plain = peft.PeftModel.from_pretrained(tiny("llama")[0], tmp_path / "fastpeft" / "plain")
     torch.testing.assert_close(logits(plain, kw), logits(made["fastpeft"], kw), rtol=0, atol=1e-4)

@@ -268,12 +268,20 @@ def _config_class(peft_type, fallback):
     return _CONFIG_CLASSES[key]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: done once, at import (one thread then)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def ordinary_permissions(path: str) -> None:
     """Give a file made by ``tempfile.mkstemp`` (mode 0600) the mode ``open()`` would have given
-    it: 0666 less the umask (0644 usually), as PEFT's files have."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    it: 0666 less the umask (0644 usually), as PEFT's files have. (The umask is read once, at
+    import: reading it changes it for a moment, which another thread's new file would see.)"""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def _atomic_write_text(path: str, text: str) -> None:

@@ -177,9 +177,9 @@ LORA_FIELDS: dict[str, Field] = {
                                         "trainable-token rows; fastpeft has no tied adapter layers or copies"),
 }
 
-_ADALORA_TRAINING = ("training-only: read by PEFT's rank allocator (AdaLoraModel.update_and_allocate, called by "
-                     "the training loop), which fastpeft does not have; the result is saved as rank_pattern and "
-                     "the kept ranks, which fastpeft loads")
+_ADALORA_TRAINING = ("training: read by the rank allocator (model.base_model.update_and_allocate, called by the "
+                     "training loop; fastpeft/adalora_train.py, compared with PEFT's in tests/test_adalora_train.py); "
+                     "the result is saved as rank_pattern and the kept ranks")
 
 ADALORA_FIELDS: dict[str, Field] = {
     **LORA_FIELDS,
@@ -196,17 +196,17 @@ ADALORA_FIELDS: dict[str, Field] = {
                           ("kasa_config", _not_none))},
     "target_parameters": _unsupported("PEFT's AdaLoRA cannot target parameters (its _create_and_replace takes no "
                                       "parameter_name and raises TypeError)"),
-    "target_r": Field(METADATA, _ADALORA_TRAINING),
+    "target_r": Field(IMPLEMENTED, _ADALORA_TRAINING),
     "init_r": Field(IMPLEMENTED, "the rank the layers are built with (and the scaling divisor ranknum)"),
-    "tinit": Field(METADATA, _ADALORA_TRAINING),
-    "tfinal": Field(METADATA, _ADALORA_TRAINING),
-    "deltaT": Field(METADATA, _ADALORA_TRAINING),
-    "beta1": Field(METADATA, _ADALORA_TRAINING),
-    "beta2": Field(METADATA, _ADALORA_TRAINING),
-    "total_step": Field(METADATA, _ADALORA_TRAINING + " (required > 0, as in PEFT)"),
-    "orth_reg_weight": Field(METADATA, "training-only: PEFT's AdaLoraModel.forward adds orth_reg_weight times an "
-                                       "orthogonality penalty to outputs.loss; fastpeft's models return the "
-                                       "model's loss as is (same logits)"),
+    "tinit": Field(IMPLEMENTED, _ADALORA_TRAINING),
+    "tfinal": Field(IMPLEMENTED, _ADALORA_TRAINING),
+    "deltaT": Field(IMPLEMENTED, _ADALORA_TRAINING),
+    "beta1": Field(IMPLEMENTED, _ADALORA_TRAINING),
+    "beta2": Field(IMPLEMENTED, _ADALORA_TRAINING),
+    "total_step": Field(IMPLEMENTED, _ADALORA_TRAINING + " (required > 0, as in PEFT)"),
+    "orth_reg_weight": Field(IMPLEMENTED, "orth_reg_weight times the orthogonality penalty joins outputs.loss "
+                                          "when the PeftModel has a task_type (PEFT's AdaLoraModel.forward; "
+                                          "fastpeft/adalora_train.py)"),
 }
 
 IA3_FIELDS: dict[str, Field] = {
