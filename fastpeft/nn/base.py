@@ -187,6 +187,18 @@ class AdapterLayer(nn.Module):
             return None
         return [n for n in self.active_adapters if n in container]
 
+    def _names_and_selection(self, container, batch: int):
+        """(the adapters this call runs, the call's row selection). No names (None: adapters off
+        or merged; []: none of the active ones here) means the base alone runs; a mixed batch's
+        length is still checked against ``batch`` then."""
+        names = self._adapters_to_run(container)
+        if names is None:
+            return None, None
+        sel = self._call_selection()
+        if not names and sel is not None:
+            self._rows_per_name(batch, sel)  # validates the batch length
+        return names, sel
+
     def _rows_per_name(self, batch: int, sel: Selection) -> int:
         """Batch rows per name of the mixed batch ``sel`` (1, or k when generation repeated each
         row k times and ``sel.repeat``). Raises for a batch whose length does not fit."""

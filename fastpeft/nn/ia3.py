@@ -102,15 +102,10 @@ class IA3Linear(LinearLayerBase):
             used = self.active_adapters if sel is None else dict.fromkeys(sel.names)
             if self.bank.needs_pack(used, self.ia3_l):
                 self._pack()  # once per state change: ready for a compiled forward
-        names = self._adapters_to_run(self.ia3_l)
-        if names is None:
-            return self.base_layer(x, *args, **kwargs)
-        sel = self._call_selection()
-        mixed = sel is not None
+        names, sel = self._names_and_selection(self.ia3_l, x.shape[0])
         if not names:
-            if mixed:
-                self._rows_per_name(x.shape[0], sel)  # validates the batch length
             return self.base_layer(x, *args, **kwargs)
+        mixed = sel is not None
         if mixed:
             scale = self._row_scales(x, sel)  # [B, D]
             scale = scale.view(x.shape[0], *([1] * (x.dim() - 2)), -1)

@@ -53,13 +53,8 @@ class IA3Conv(AdapterLayer):
         self.set_adapter(self._active)
 
     def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        names = self._adapters_to_run(self.ia3_l)
-        if names is None:
-            return self.base_layer(x, *args, **kwargs)
-        sel = self._call_selection()
+        names, sel = self._names_and_selection(self.ia3_l, x.shape[0])
         if not names:
-            if sel is not None:
-                self._rows_per_name(x.shape[0], sel)  # validates the batch length
             return self.base_layer(x, *args, **kwargs)
         previous_dtype = x.dtype
         if sel is None:

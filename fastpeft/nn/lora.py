@@ -48,6 +48,21 @@ def _dropout_active(d) -> bool:
     return isinstance(d, nn.Dropout) and d.p > 0
 
 
+def init_lora_attributes(layer: nn.Module, dora: bool = True) -> None:
+    """PEFT's per-adapter containers of a LoRA layer, empty (``lora_A`` / ``lora_B`` /
+    ``lora_dropout`` ModuleDicts, the DoRA magnitudes when ``dora``, and the hyper-parameter
+    dicts ``r``, ``lora_alpha``, ``scaling``, ``use_rslora``, ``use_dora``, ``lora_bias``): the
+    same names on every LoRA layer kind (linear, conv, parameter), so PEFT code reads them alike."""
+    layer.lora_A = nn.ModuleDict()
+    layer.lora_B = nn.ModuleDict()
+    layer.lora_dropout = nn.ModuleDict()
+    if dora:
+        layer.lora_magnitude_vector = nn.ModuleDict()
+        layer._dora_merge_norm = {}
+    layer.r, layer.lora_alpha, layer.scaling = {}, {}, {}
+    layer.use_rslora, layer.use_dora, layer.lora_bias = {}, {}, {}
+
+
 class LoraLinear(LinearLayerBase):
     """LoRA/DoRA adapters on a linear-like base (nn.Linear, Conv1D, bitsandbytes 4/8-bit)."""
 
@@ -58,17 +73,7 @@ class LoraLinear(LinearLayerBase):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.use_dora: dict[str, bool] = {}
-        self.lora_bias: dict[str, bool] = {}
-        self._dora_merge_norm: dict[str, Tensor] = {}
+        init_lora_attributes(self)
         self._lora_variants: dict = {}  # name -> its LoRA variant (fastpeft.nn.lora_variants), if any
 
     # ----- adding adapters ---------------------------------------------------------------------
@@ -313,13 +318,8 @@ class LoraLinear(LinearLayerBase):
         return self._forward_eager(x, *args, **kwargs)
 
     def _forward_eager(self, x: Tensor, *args, **kwargs) -> Tensor:
-        names = self._adapters_to_run(self.lora_A)
-        if names is None:
-            return self.base_layer(x, *args, **kwargs)
-        sel = self._call_selection()
+        names, sel = self._names_and_selection(self.lora_A, x.shape[0])
         if not names:
-            if sel is not None:
-                self._rows_per_name(x.shape[0], sel)  # validates the batch length
             return self.base_layer(x, *args, **kwargs)
         if args or kwargs or self._needs_unfused(names, sel is not None):
             return self._forward_unfused(x, names, *args, **kwargs)

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ._base_kinds import adapter_device, base_kind, runs_fused
 from .base import PACK_LOCK, AdapterLayer, packs_outside_inference_mode
 from .dora import DoraMagnitude
-from .lora import LoraLinear, _dropout_active, lora_scaling
+from .lora import LoraLinear, _dropout_active, init_lora_attributes, lora_scaling
 from .slots import SlotTable
 
 _CONV = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
@@ -140,17 +140,7 @@ class LoraConv(AdapterLayer):
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self._kernel_dim = base_layer.weight.dim()
         self.fan_in_fan_out = False
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.use_dora: dict[str, bool] = {}
-        self.lora_bias: dict[str, bool] = {}
-        self._dora_merge_norm: dict[str, Tensor] = {}
+        init_lora_attributes(self)
 
     def _check_base(self, base: nn.Module, where: str) -> None:
         check_conv_base(base, self.method, where)
@@ -289,13 +279,8 @@ class LoraConv(AdapterLayer):
 
     # ----- forward ------------------------------------------------------------------------------
     def _forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        names = self._adapters_to_run(self.lora_A)
-        if names is None:
-            return self.base_layer(x, *args, **kwargs)
-        sel = self._call_selection()
+        names, sel = self._names_and_selection(self.lora_A, x.shape[0])
         if not names:
-            if sel is not None:
-                self._rows_per_name(x.shape[0], sel)  # validates the batch length
             return self.base_layer(x, *args, **kwargs)
         if args or kwargs or self._needs_unfused(names, sel):
             return self._forward_unfused(x, names, sel, *args, **kwargs)

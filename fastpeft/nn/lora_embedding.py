@@ -111,13 +111,8 @@ class LoraEmbedding(AdapterLayer):
                                     or self._needs_unfused(self._adapters) or self._has_dora(self._adapters)):
             # compiled: slot tensors and stacks only, no names (see LoraLinear._forward_traced)
             return self._forward_fused(x)
-        names = self._adapters_to_run(self.lora_embedding_A)
-        if names is None:
-            return self.base_layer(x, *args, **kwargs)
-        sel = self._call_selection()
+        names, sel = self._names_and_selection(self.lora_embedding_A, x.shape[0] if x.dim() > 0 else 1)
         if not names:
-            if sel is not None:
-                self._rows_per_name(x.shape[0] if x.dim() > 0 else 1, sel)  # validates the batch length
             return self.base_layer(x, *args, **kwargs)
         if args or kwargs or self._needs_unfused(names) or (self._has_dora(names) and (_is_compiling() or (
                 sel is None and len(names) > 1))):  # DoRA after another adapter: PEFT's sequential steps

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import AdapterLayer
+from .lora import init_lora_attributes
 from .slots import SlotTable, rows_per_name
 
 # Cached W' per layer (one per adapter set; a mixed batch of n adapters uses n). Each entry is as
@@ -123,15 +124,7 @@ class LoraParam(AdapterLayer):
         self._did_swap_in_out_features = swap  # PEFT's attribute name
         self.fan_in_fan_out = False
         self.max_cached_weights = MAX_CACHED_WEIGHTS
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()  # Identity per adapter, as PEFT (no dropout here)
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.use_dora: dict[str, bool] = {}
-        self.lora_bias: dict[str, bool] = {}
+        init_lora_attributes(self, dora=False)  # lora_dropout: Identity per adapter, as PEFT (no dropout here)
 
     # ----- the parameter and the nest ---------------------------------------------------------
     # (the per-call lookups read the modules' dicts directly: nn.Module.__getattr__ costs ~0.3 us a
