@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._base_kinds import adapter_device
+from .adalora import AdaLoraLinear
 from .lora_conv import LoraConv, check_conv_base
 
 
@@ -80,23 +81,9 @@ class AdaLoraConv2d(LoraConv):
         self.inference_mode.pop(name, None)
 
     def resize_adapter(self, name: str, keep) -> None:
-        """Keep only the ranks ``keep`` (bool mask [r]) of adapter ``name``, as PEFT's
-        ``resize_modules_by_rank_pattern`` (and ``AdaLoraLinear.resize_adapter``): rows of
-        ``lora_A`` / ``lora_E``, columns of ``lora_B``, as new parameters; ``ranknum`` stays,
-        except at rank 0 where it becomes 0."""
-        keep = torch.as_tensor(keep, dtype=torch.bool, device=self.lora_E[name].device).view(-1)
-        if keep.numel() != self.lora_E[name].shape[0]:
-            raise ValueError(f"adapter {name!r} has rank {self.lora_E[name].shape[0]}; got a mask of {keep.numel()}")
-        with torch.no_grad():
-            for attr, rows in (("lora_A", True), ("lora_E", True), ("lora_B", False)):
-                old = getattr(self, attr)[name]
-                new = old[keep] if rows else old[:, keep]
-                getattr(self, attr)[name] = nn.Parameter(new.clone(), requires_grad=old.requires_grad)
-            if not keep.any():
-                self.ranknum[name].fill_(0.0)
-        self.r[name] = int(keep.sum())
-        self.bank.mark_stale()
-        self._refresh_slots()
+        """Keep only the ranks ``keep`` (bool mask [r]) of adapter ``name``, as
+        :meth:`AdaLoraLinear.resize_adapter` (the same code: the SVD triplet is laid out alike)."""
+        AdaLoraLinear.resize_adapter(self, name, keep)
 
     def _frozen_param(self, name, p):
         return name in self.ranknum and p is self.ranknum[name]
