@@ -225,7 +225,7 @@ def _freeze_base(model: nn.Module) -> None:
     bias_modes = {getattr(c, "bias", "none") for c in _configs(model).values()}
     for n, p in _base_named_parameters(model):
         trainable = False
-        if "all" in bias_modes and n.endswith("bias"):
+        if "all" in bias_modes and (n == "bias" or n.endswith(".bias")):  # PEFT: not e.g. "gate_up_proj_bias"
             trainable = True
         elif "lora_only" in bias_modes and n.endswith("base_layer.bias"):
             trainable = True

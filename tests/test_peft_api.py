@@ -205,3 +205,23 @@ def test_get_peft_model_takes_peft_s_arguments_and_nothing_else():
         fastpeft.get_peft_model(tiny("llama")[0], fastpeft.LoraConfig(r=4, target_modules=TARGETS), bogus=1)
     with pytest.raises(TypeError, match="bogus"):
         fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(r=4, target_modules=TARGETS), tiny("llama")[0], bogus=1)
+
+
+class _WithOddBias(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = torch.nn.Linear(8, 8)
+        self.gate_bias = torch.nn.Parameter(torch.zeros(8))  # named like gpt-oss's gate_up_proj_bias
+
+    def forward(self, x):
+        return self.q_proj(x) + self.gate_bias
+
+
+def test_bias_all_trains_the_parameters_peft_trains():
+    got = {}
+    for lib in (peft, fastpeft):
+        m = lib.get_peft_model(_WithOddBias(), lib.LoraConfig(r=2, target_modules=["q_proj"], bias="all"))
+        got[lib.__name__] = {n.replace("base_model.model.", ""): p.requires_grad for n, p in m.named_parameters()
+                             if "lora_" not in n}
+    assert got["fastpeft"] == got["peft"]
+    assert got["fastpeft"]["gate_bias"] is False and got["fastpeft"]["q_proj.base_layer.bias"] is True
