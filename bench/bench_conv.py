@@ -30,9 +30,7 @@ import argparse
 import copy
 import datetime
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -43,7 +41,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from torch import nn  # noqa: E402
 
-from common import DTYPES, Bench, add_common_args, interleaved_medians_us, sweep  # noqa: E402
+from common import DTYPES, Bench, add_common_args, cpu_medians_us, sweep  # noqa: E402
 
 FULL = dict(
     shapes=[  # (dims, C_in, C_out, kernel, padding, spatial size, batch)
@@ -151,31 +149,10 @@ def measure(bench, conv, x, kind, rank, common, min_time):
         bench.add(**common, adapters=2, mixed=True, method=name, median_us=round(us, 1), **extra)
 
 
-def _nothing():
-    return None
-
-
 def medians_us(variants: dict, min_time: float, rounds: int = 15) -> dict:
-    """Median µs per call of each variant over ``rounds`` interleaved rounds of about
-    ``min_time / rounds`` s each: thread CPU time when torch runs one thread, else wall time."""
-    if torch.get_num_threads() != 1:
-        return interleaved_medians_us({n: (_nothing, f) for n, f in variants.items()}, min_time)
-    for f in variants.values():
-        f()
-        f()
-    calls = {}
-    for n, f in variants.items():  # calls per round from one timed call
-        t0 = time.thread_time_ns()
-        f()
-        calls[n] = max(1, int(min_time / rounds / max((time.thread_time_ns() - t0) * 1e-9, 1e-6)))
-    per = {n: [] for n in variants}
-    for _ in range(rounds):
-        for n, f in variants.items():
-            t0 = time.thread_time_ns()
-            for _ in range(calls[n]):
-                f()
-            per[n].append((time.thread_time_ns() - t0) / 1e3 / calls[n])
-    return {n: statistics.median(v) for n, v in per.items()}
+    """Median µs per call per variant (``common.cpu_medians_us``: thread CPU time with one torch
+    thread, else wall time)."""
+    return cpu_medians_us(variants, min_time, rounds)[0]
 
 
 def main():

@@ -38,9 +38,7 @@ import argparse
 import copy
 import datetime
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -49,7 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from common import Bench, add_common_args, interleaved_medians_us, sweep  # noqa: E402
+from common import Bench, add_common_args, cpu_medians_us, sweep  # noqa: E402
 
 TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 FULL = dict(archs=["gpt_oss", "mixtral"], shapes=[(1, 1), (1, 16), (4, 64)], min_time=0.8)
@@ -109,36 +107,9 @@ def build(arch: str, args):
     return base, fm.eval(), pm.eval(), merged.eval()
 
 
-def _nothing():
-    return None
-
-
 def medians_us(variants: dict, min_time: float, rounds: int = 31) -> tuple[dict, dict]:
-    """``(median µs per call, paired ratio)`` of each variant over ``rounds`` interleaved rounds of
-    about ``min_time / rounds`` s each: thread CPU time when torch runs one thread, else wall
-    time (``common.interleaved_medians_us``, no paired ratio). The paired ratio is the median
-    over rounds of the variant's time over the first variant's time *in the same round*: on a
-    loaded machine the rounds drift by +-20% together, and the pairing cancels that."""
-    if torch.get_num_threads() != 1:
-        return interleaved_medians_us({n: (_nothing, f) for n, f in variants.items()}, min_time), {}
-    for f in variants.values():
-        f()
-        f()
-    calls = {}
-    for n, f in variants.items():
-        t0 = time.thread_time_ns()
-        f()
-        calls[n] = max(1, int(min_time / rounds / max((time.thread_time_ns() - t0) * 1e-9, 1e-6)))
-    per = {n: [] for n in variants}
-    for _ in range(rounds):
-        for n, f in variants.items():
-            t0 = time.thread_time_ns()
-            for _ in range(calls[n]):
-                f()
-            per[n].append((time.thread_time_ns() - t0) / 1e3 / calls[n])
-    ref = per[next(iter(variants))]
-    paired = {n: statistics.median(t / r for t, r in zip(v, ref, strict=True)) for n, v in per.items()}
-    return {n: statistics.median(v) for n, v in per.items()}, paired
+    """``(median µs per call, paired ratio)`` per variant (``common.cpu_medians_us``)."""
+    return cpu_medians_us(variants, min_time, rounds)
 
 
 def measure(bench, arch, batch, seq, args, min_time):

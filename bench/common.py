@@ -129,6 +129,49 @@ def interleaved_medians_us(variants: dict, min_time: float = 0.4, rounds: int = 
     return {name: statistics.median(v) * 1e6 for name, v in per_round.items()}
 
 
+def _nothing():
+    return None
+
+
+def thread_time_rounds(variants: dict, min_time: float, rounds: int) -> dict:
+    """``{name: [µs per call in each round]}`` for ``variants`` (name -> zero-argument callable),
+    interleaved over ``rounds`` rounds of about ``min_time / rounds`` s each, timed with the
+    thread's CPU time (``time.thread_time_ns``): with one torch thread that time is the call's own
+    work, which other jobs on a loaded machine do not inflate the way they inflate wall time."""
+    import time
+
+    for f in variants.values():
+        f()
+        f()
+    calls = {}
+    for n, f in variants.items():  # calls per round from one timed call
+        t0 = time.thread_time_ns()
+        f()
+        calls[n] = max(1, int(min_time / rounds / max((time.thread_time_ns() - t0) * 1e-9, 1e-6)))
+    per = {n: [] for n in variants}
+    for _ in range(rounds):
+        for n, f in variants.items():
+            t0 = time.thread_time_ns()
+            for _ in range(calls[n]):
+                f()
+            per[n].append((time.thread_time_ns() - t0) / 1e3 / calls[n])
+    return per
+
+
+def cpu_medians_us(variants: dict, min_time: float, rounds: int = 15) -> tuple[dict, dict]:
+    """``(median µs per call, paired ratio)`` of each variant: thread CPU time over interleaved
+    rounds (:func:`thread_time_rounds`) when torch runs one thread, else wall time
+    (:func:`interleaved_medians_us`, no paired ratio). The paired ratio is the median over rounds
+    of the variant's time over the first variant's time *in the same round*: on a loaded machine
+    rounds drift together, and the pairing cancels that."""
+    if torch.get_num_threads() != 1:
+        return interleaved_medians_us({n: (_nothing, f) for n, f in variants.items()}, min_time), {}
+    per = thread_time_rounds(variants, min_time, rounds)
+    ref = per[next(iter(variants))]
+    paired = {n: statistics.median(t / r for t, r in zip(v, ref, strict=True)) for n, v in per.items()}
+    return {n: statistics.median(v) for n, v in per.items()}, paired
+
+
 def time_cuda(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
     """Median time of ``fn()`` in microseconds via ``triton.testing.do_bench`` (L2 flushed per call)."""
     import triton.testing

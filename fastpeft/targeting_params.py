@@ -23,7 +23,7 @@ from torch import nn
 from . import targeting
 from .nn.base import AdapterLayer
 from .nn.lora_param import LoraParam
-from .nn.modules_to_save import ModulesToSaveWrapper
+from .tuner import base_children
 
 __all__ = ["find_target_parameters", "inject_parameters"]
 
@@ -56,13 +56,7 @@ def _modules(model: nn.Module):
             return
         seen.add(id(m))
         yield path, m
-        if isinstance(m, ModulesToSaveWrapper):
-            children = [("original_module", m.original_module)]
-        elif isinstance(m, AdapterLayer):
-            children = [("base_layer", m.base_layer)]
-        else:
-            children = m._modules.items()
-        for name, child in children:
+        for name, child in base_children(m):
             if child is not None:
                 yield from walk(child, f"{path}.{name}" if path else name)
 

@@ -196,6 +196,17 @@ def inject(model: nn.Module, config: PeftConfig, adapter_name: str = "default",
     return paths
 
 
+def base_children(m: nn.Module):
+    """(name, child) pairs a walk of the *base* model enters below ``m``: a modules_to_save
+    wrapper's original module, an adapter layer's base layer, any other module's children (the
+    adapter containers, e.g. ``lora_A`` Linear layers, are never entered)."""
+    if isinstance(m, ModulesToSaveWrapper):
+        return [("original_module", m.original_module)]
+    if isinstance(m, AdapterLayer):
+        return [("base_layer", m.base_layer)]
+    return m._modules.items()
+
+
 def _base_named_parameters(model: nn.Module):
     """(name, parameter) of the parameters outside the adapters, as ``named_parameters`` names
     them; adapter layers are entered only through their base module, so the cost does not grow
@@ -207,13 +218,7 @@ def _base_named_parameters(model: nn.Module):
             if p is not None and id(p) not in seen:
                 seen.add(id(p))
                 yield prefix + n, p
-        if isinstance(m, ModulesToSaveWrapper):
-            children = [("original_module", m.original_module)]
-        elif isinstance(m, AdapterLayer):
-            children = [("base_layer", m.base_layer)]
-        else:
-            children = m._modules.items()
-        for cn, c in children:
+        for cn, c in base_children(m):
             if c is not None:
                 yield from walk(c, prefix + cn + ".")
 

@@ -18,6 +18,37 @@ from .bank import Entry
 from .lora import LoraLinear
 
 
+def add_svd_triplet(layer, name, r, lora_alpha, lora_dropout, init_lora_weights, dtype, ranknum, inference_mode,
+                    in_features: int, order: tuple) -> None:
+    """Add AdaLoRA adapter ``name`` to ``layer`` (AdaLoraLinear or AdaLoraConv2d): ``lora_A`` [r,
+    in_features], ``lora_E`` [r, 1], ``lora_B`` [N, r] drawn with ``torch.randn`` in ``order``
+    (PEFT's order for that layer kind, so the random state afterwards is PEFT's), ``ranknum``
+    [1] frozen, and PEFT's init (E = 0, A and B ~ N(0, 0.02)) unless ``init_lora_weights`` is
+    False. ``r`` >= 0; ``ranknum`` defaults to ``r``; ``inference_mode`` is recorded when known."""
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        raise ValueError(f"r must be a non-negative int, got {r!r}")
+    layer._register(name)
+    if inference_mode is not None:
+        layer.inference_mode[name] = bool(inference_mode)
+    w = layer.base_layer.weight
+    dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
+    layer._set_config(name, r, lora_alpha, False, False, False,
+                      nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity(),
+                      scaling=lora_alpha if lora_alpha > 0 else float(r))
+    kw = dict(device=adapter_device(layer.base_layer), dtype=dtype)
+    shapes = {"lora_A": (r, in_features), "lora_B": (layer.out_features, r), "lora_E": (r, 1)}
+    for attr in order:
+        getattr(layer, attr)[name] = nn.Parameter(torch.randn(*shapes[attr], **kw))
+    layer.ranknum[name] = nn.Parameter(torch.full((1,), float(r if ranknum is None else ranknum), **kw),
+                                       requires_grad=False)
+    if init_lora_weights:
+        with torch.no_grad():
+            nn.init.zeros_(layer.lora_E[name])
+            nn.init.normal_(layer.lora_A[name], mean=0.0, std=0.02)
+            nn.init.normal_(layer.lora_B[name], mean=0.0, std=0.02)
+    layer.set_adapter(layer._active)
+
+
 class AdaLoraLinear(LoraLinear):
     """AdaLoRA adapters; forward routes, merging and the bank as :class:`LoraLinear`."""
 
@@ -38,29 +69,8 @@ class AdaLoraLinear(LoraLinear):
         """``r`` >= 0 (0: a layer pruned to no rank, as PEFT allows); ``ranknum``: the scaling
         divisor (PEFT keeps the initial rank there after pruning, 0 for a rank-0 layer);
         ``inference_mode``: the config's, recorded (None: not known)."""
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-            raise ValueError(f"r must be a non-negative int, got {r!r}")
-        self._register(name)
-        if inference_mode is not None:
-            self.inference_mode[name] = bool(inference_mode)
-        w = self.base_layer.weight
-        dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
-        K, N = self.in_features, self.out_features
-        self._set_config(name, r, lora_alpha, False, False, False,
-                         nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity(),
-                         scaling=lora_alpha if lora_alpha > 0 else float(r))
-        kw = dict(device=adapter_device(self.base_layer), dtype=dtype)
-        self.lora_A[name] = nn.Parameter(torch.randn(r, K, **kw))
-        self.lora_B[name] = nn.Parameter(torch.randn(N, r, **kw))
-        self.lora_E[name] = nn.Parameter(torch.randn(r, 1, **kw))
-        ranks = float(ranknum if ranknum is not None else r)
-        self.ranknum[name] = nn.Parameter(torch.full((1,), ranks, **kw), requires_grad=False)
-        if init_lora_weights:
-            with torch.no_grad():
-                nn.init.zeros_(self.lora_E[name])
-                nn.init.normal_(self.lora_A[name], mean=0.0, std=0.02)
-                nn.init.normal_(self.lora_B[name], mean=0.0, std=0.02)
-        self.set_adapter(self._active)
+        add_svd_triplet(self, name, r, lora_alpha, lora_dropout, init_lora_weights, dtype, ranknum, inference_mode,
+                        self.in_features, order=("lora_A", "lora_B", "lora_E"))
 
     def _remove(self, name):
         super()._remove(name)

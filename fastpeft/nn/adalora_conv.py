@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base_kinds import adapter_device
-from .adalora import AdaLoraLinear
+from .adalora import AdaLoraLinear, add_svd_triplet
 from .lora_conv import LoraConv, check_conv_base
 
 
@@ -51,30 +49,11 @@ class AdaLoraConv2d(LoraConv):
     def add_adapter(self, name, r, lora_alpha, lora_dropout=0.0, init_lora_weights=True, dtype=None, ranknum=None,
                     inference_mode=None, **_):
         """``r`` >= 0; ``ranknum``: the scaling divisor (PEFT keeps the initial rank there after
-        pruning); ``inference_mode``: the config's, recorded (None: not known)."""
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
-            raise ValueError(f"r must be a non-negative int, got {r!r}")
-        self._register(name)
-        if inference_mode is not None:
-            self.inference_mode[name] = bool(inference_mode)
-        w = self.base_layer.weight
-        dtype = dtype or (w.dtype if w.is_floating_point() else torch.float32)
-        kw = dict(device=adapter_device(self.base_layer), dtype=dtype)
-        self._set_config(name, r, lora_alpha, False, False, False,
-                         nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity(),
-                         scaling=lora_alpha if lora_alpha > 0 else float(r))
-        k = math.prod(self.base_layer.kernel_size)
-        self.lora_A[name] = nn.Parameter(torch.randn(r, self.in_features * k, **kw))
-        self.lora_E[name] = nn.Parameter(torch.randn(r, 1, **kw))
-        self.lora_B[name] = nn.Parameter(torch.randn(self.out_features, r, **kw))
-        self.ranknum[name] = nn.Parameter(torch.full((1,), float(r if ranknum is None else ranknum), **kw),
-                                          requires_grad=False)
-        if init_lora_weights:
-            with torch.no_grad():
-                nn.init.zeros_(self.lora_E[name])
-                nn.init.normal_(self.lora_A[name], mean=0.0, std=0.02)
-                nn.init.normal_(self.lora_B[name], mean=0.0, std=0.02)
-        self.set_adapter(self._active)
+        pruning); ``inference_mode``: the config's, recorded (None: not known). ``lora_A`` is
+        [r, C_in * kh * kw], as PEFT's SVDConv2d."""
+        add_svd_triplet(self, name, r, lora_alpha, lora_dropout, init_lora_weights, dtype, ranknum, inference_mode,
+                        self.in_features * math.prod(self.base_layer.kernel_size),
+                        order=("lora_A", "lora_E", "lora_B"))
 
     def _remove(self, name: str) -> None:
         super()._remove(name)
